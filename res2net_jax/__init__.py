@@ -1,0 +1,21 @@
+"""Res2Net image classification in JAX/Flax, exact against timm's weights."""
+
+from res2net_jax import convert
+from res2net_jax.inference import Prediction, make_predict_fn, preprocess
+from res2net_jax.models import DLA, Bottle2neck, Res2Net
+from res2net_jax.registry import ModelSpec, create_model, get_spec, list_models
+
+__all__ = [
+    "DLA",
+    "Bottle2neck",
+    "ModelSpec",
+    "Prediction",
+    "Res2Net",
+    "convert",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "make_predict_fn",
+    "preprocess",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,325 @@
+"""Weight conversion between PyTorch (timm / official Res2Net) state dicts and Flax variables.
+
+Flax module paths mirror the PyTorch module paths (see `res2net_jax.models`), so the mapping is
+mechanical: `layer1.0.convs.2.weight` (OIHW) <-> `params/layer1_0/convs_2/kernel` (HWIO), BN
+`weight/bias/running_mean/running_var` <-> `params/.../scale`, `params/.../bias`,
+`batch_stats/.../mean`, `batch_stats/.../var`, Linear `(out, in)` <-> Dense `(in, out)`.
+Every conversion is strict: a key that is missing, left over or mis-shaped is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from res2net_jax.registry import MODELS, create_model, get_spec
+
+Variables = dict[str, Any]
+HEAD_KEYS = ("fc.weight", "fc.bias")
+_BN_COUNTER = "num_batches_tracked"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not fit the requested model."""
+
+
+def _torch_module_path(flax_path: tuple[str, ...]) -> str:
+    """('layer1_0', 'convs_2') -> 'layer1.0.convs.2'."""
+    parts = []
+    for name in flax_path:
+        match = re.fullmatch(r"(.+)_(\d+)", name)
+        parts.extend(match.groups() if match else (name,))
+    return ".".join(parts)
+
+
+def _torch_layout(shapes: Variables) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Maps each PyTorch key to its Flax variable path and its PyTorch-layout shape."""
+    layout = {}
+    flat = traverse_util.flatten_dict(shapes)
+    for path, leaf in flat.items():
+        collection, *module, name = path
+        shape = tuple(leaf.shape)
+        prefix = _torch_module_path(tuple(module))
+        if collection == "params":
+            torch_name = {"kernel": "weight", "scale": "weight", "bias": "bias"}[name]
+            if name == "kernel":
+                shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+        else:
+            torch_name = {"mean": "running_mean", "var": "running_var"}[name]
+        layout[f"{prefix}.{torch_name}"] = (path, shape)
+    return layout
+
+
+@functools.lru_cache(maxsize=64)
+def _expected(model_name: str, num_classes: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    model = create_model(model_name, num_classes=num_classes)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    return _torch_layout(shapes)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; numpy has no bfloat16, so widen it first
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def _head_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
+    weight = state_dict.get(HEAD_KEYS[0])
+    return None if weight is None else int(weight.shape[0])
+
+
+def _listing(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return f"{len(items)} ({shown}{', ...' if len(items) > limit else ''})"
+
+
+def guess_model(state_dict: Mapping[str, Any]) -> str | None:
+    """The registered variant whose keys and shapes (head aside) a state dict matches best."""
+    shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not k.endswith(_BN_COUNTER)}
+    classes = _head_classes(state_dict) or 1000
+    best, best_score = None, 0.0
+    for name in MODELS:
+        expected = {k: s for k, (_, s) in _expected(name, classes).items()}
+        same = sum(shapes.get(k) == s for k, s in expected.items())
+        score = same / max(len(expected), len(shapes))
+        if score > best_score:
+            best, best_score = name, score
+    return best if best_score > 0.5 else None
+
+
+def _check(state_dict: Mapping[str, Any], expected: Mapping[str, tuple], model_name: str) -> None:
+    keys = {k for k in state_dict if not k.endswith(_BN_COUNTER)}
+    missing = sorted(set(expected) - keys)
+    unexpected = sorted(keys - set(expected))
+    misshaped = sorted(
+        f"{k}: file {tuple(np.shape(state_dict[k]))} vs model {expected[k][1]}"
+        for k in keys & set(expected)
+        if tuple(np.shape(state_dict[k])) != expected[k][1]
+    )
+    if not (missing or unexpected or misshaped):
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_listing(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped {_listing(misshaped)}")
+    guess = guess_model(state_dict)
+    looks = f" The checkpoint looks like {guess}." if guess and guess != get_spec(model_name).name else ""
+    if guess is None:
+        looks = " It does not look like any registered Res2Net variant."
+    raise CheckpointMismatchError(f"checkpoint does not fit {model_name}: {'; '.join(problems)}.{looks}")
+
+
+def from_torch(
+    state_dict: Mapping[str, Any],
+    model_name: str,
+    num_classes: int | None = None,
+    reset_head: bool = False,
+    rng: jax.Array | None = None,
+) -> Variables:
+    """Flax variables {'params', 'batch_stats'} (float32) from a timm / official PyTorch state dict.
+
+    `num_classes` defaults to the checkpoint's head. A checkpoint whose head has another class count
+    is an error unless `reset_head` is set: then its head is dropped and a freshly initialised one
+    (from `rng`) takes its place, as for fine-tuning ImageNet weights on a new dataset.
+    """
+    state_dict = {k: _to_numpy(v) for k, v in state_dict.items()}
+    file_classes = _head_classes(state_dict)
+    num_classes = num_classes or file_classes or 1000
+    expected = _expected(get_spec(model_name).name, num_classes)
+    new_head = file_classes is not None and file_classes != num_classes
+    if new_head and not reset_head:
+        raise CheckpointMismatchError(
+            f"the checkpoint's head has {file_classes} classes but {num_classes} were asked for: "
+            f"pass reset_head=True (--reset_head) to replace it with a new {num_classes}-class head"
+        )
+    if new_head:
+        state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
+        expected_body = {k: v for k, v in expected.items() if k not in HEAD_KEYS}
+        _check(state_dict, expected_body, model_name)
+    else:
+        _check(state_dict, expected, model_name)
+
+    flat = {}
+    for key, (path, _) in expected.items():
+        if key not in state_dict:
+            continue
+        value = state_dict[key].astype(np.float32)
+        if path[-1] == "kernel":
+            value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+        flat[path] = value
+    variables = traverse_util.unflatten_dict(flat)
+    if new_head:
+        variables["params"]["fc"] = _init_head(model_name, num_classes, rng)
+    return jax.tree.map(jnp.asarray, variables)
+
+
+def _init_head(model_name: str, num_classes: int, rng: jax.Array | None) -> dict[str, jax.Array]:
+    """A new classifier, initialised exactly as the model initialises its own."""
+    model = create_model(model_name, num_classes=num_classes)
+    in_features = _expected(get_spec(model_name).name, num_classes)[HEAD_KEYS[0]][1][1]
+    rng = jax.random.key(0) if rng is None else rng
+    feature_map = jnp.zeros((1, 1, 1, in_features), jnp.float32)
+    return model.init(rng, feature_map, method=model.head)["params"]["fc"]
+
+
+def num_classes_of(variables: Variables) -> int:
+    """The class count of a variables pytree's classifier."""
+    return int(variables["params"]["fc"]["kernel"].shape[-1])
+
+
+def check_variables(variables: Variables, model_name: str) -> None:
+    """Raises CheckpointMismatchError unless `variables` has exactly the variables of `model_name`."""
+    for collection in ("params", "batch_stats"):
+        if collection not in variables:
+            raise CheckpointMismatchError(f"variables have no {collection!r} collection")
+    expected = _expected(get_spec(model_name).name, num_classes_of(variables))
+    found = {key: jax.ShapeDtypeStruct(shape, jnp.float32) for key, (_, shape) in _torch_layout(variables).items()}
+    _check(found, expected, model_name)
+
+
+def to_torch(variables: Variables, model_name: str) -> dict[str, np.ndarray]:
+    """A timm-named PyTorch state dict (numpy arrays) from Flax variables.
+
+    BN `num_batches_tracked` counters are written as 0: Flax does not track them, and PyTorch uses
+    them only when BN momentum is None, which these models never set.
+    """
+    check_variables(variables, model_name)
+    flat = traverse_util.flatten_dict(variables)
+    state_dict = {}
+    for key, (path, _) in _torch_layout(variables).items():
+        value = np.asarray(flat[path], dtype=np.float32)
+        if path[-1] == "kernel":
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        state_dict[key] = np.ascontiguousarray(value)
+        if key.endswith(".running_var"):
+            state_dict[key.replace("running_var", _BN_COUNTER)] = np.array(0, np.int64)
+    return state_dict
+
+
+# --- Files -------------------------------------------------------------------------------------
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def _is_safetensors(head: bytes) -> bool:
+    return len(head) >= 9 and struct.unpack("<Q", head[:8])[0] > 0 and head[8:9] == b"{"
+
+
+def _unwrap(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict inside a training checkpoint, without DataParallel's 'module.' prefix."""
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    if checkpoint and all(k.startswith("module.") for k in checkpoint):
+        checkpoint = {k.removeprefix("module."): v for k, v in checkpoint.items()}
+    return dict(checkpoint)
+
+
+def _import_torch(path: str) -> Any:
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            f"reading or writing the PyTorch pickle {path} needs torch (pip install torch); "
+            "safetensors files need only the safetensors package"
+        ) from err
+    return torch
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A PyTorch state dict from a .pth/.bin torch pickle or a .safetensors file, told apart by content."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    try:
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            torch = _import_torch(path)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        elif _is_safetensors(head):
+            from safetensors.numpy import load_file
+
+            checkpoint = load_file(path)
+        else:
+            raise ValueError("it is neither a PyTorch checkpoint (.pth/.bin) nor a safetensors file")
+    except (ImportError, FileNotFoundError):
+        raise
+    except Exception as err:  # torch, zipfile and safetensors each raise their own types
+        raise ValueError(f"cannot read weights file {path}: {err}") from err
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"weights file {path} holds a {type(checkpoint).__name__}, not a state dict")
+    return {k: _to_numpy(v) for k, v in _unwrap(checkpoint).items()}
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Writes a state dict as .safetensors, or as a torch pickle for .pth/.pt/.bin."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file(dict(state_dict), path)
+    elif path.endswith(_TORCH_SUFFIXES):
+        torch = _import_torch(path)
+        torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, path)
+    else:
+        raise ValueError(f"cannot tell the format of {path}: name it .safetensors, .pth, .pt or .bin")
+
+
+def save_variables(variables: Variables, directory: str | os.PathLike) -> None:
+    """Writes Flax variables as an Orbax checkpoint directory (which must not exist yet)."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory):
+        raise FileExistsError(f"{directory} exists: choose a new output path, or delete it first")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory, variables)
+    checkpointer.wait_until_finished()
+
+
+def _restore_orbax(directory: str) -> Variables:
+    import orbax.checkpoint as ocp
+
+    try:
+        restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory))
+    except Exception as err:  # orbax raises several types for a directory it cannot read
+        raise ValueError(f"cannot read {directory} as an Orbax checkpoint of Flax variables: {err}") from err
+    return {k: dict(v) for k, v in restored.items()}
+
+
+def load_variables(
+    path: str | os.PathLike,
+    model_name: str,
+    num_classes: int | None = None,
+    reset_head: bool = False,
+    rng: jax.Array | None = None,
+) -> Variables:
+    """Flax variables for `model_name` from an Orbax directory or any file `load_state_dict` reads.
+
+    Checked strictly either way; `num_classes` and `reset_head` behave as in `from_torch`.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        variables = _restore_orbax(path)
+        check_variables(variables, model_name)
+        state_dict = to_torch(variables, model_name)
+    else:
+        state_dict = load_state_dict(path)
+    return from_torch(state_dict, model_name, num_classes=num_classes, reset_head=reset_head, rng=rng)

@@ -1,0 +1,118 @@
+"""Layers whose semantics must match PyTorch exactly for converted weights to give the same logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+
+# timm initialises convolutions with Kaiming-normal, fan-out, ReLU gain.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    dtype: Dtype,
+    name: str | None = None,
+) -> nn.Conv:
+    """A PyTorch-style convolution: symmetric padding of kernel // 2 on every side.
+
+    Flax's 'SAME' pads (0, 1) at stride 2, PyTorch pads (1, 1): the weights expect the latter.
+    """
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_init,
+        name=name,
+    )
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation with PyTorch's semantics (eps 1e-5, momentum 0.1 in PyTorch's convention).
+
+    Statistics are computed in float32 whatever the compute dtype, with the two-pass variance. In train
+    mode the running variance is updated with the unbiased batch variance, as PyTorch does, so running
+    statistics after a train step equal PyTorch's. With `axis_name` set, batch statistics are averaged
+    over that mapped axis (synchronised BN in a data-parallel step).
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    scale_init: nn.initializers.Initializer = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        if train:
+            reduce_axes = tuple(range(x.ndim - 1))
+            mean = self._mean(x32, reduce_axes)
+            var = self._mean(jnp.square(x32 - mean), reduce_axes)
+            if not self.is_initializing():
+                count = x32.size // channels
+                if self.axis_name is not None:
+                    count = count * lax.psum(1, self.axis_name)
+                unbiased_var = var * (count / max(count - 1, 1))
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased_var
+        else:
+            mean, var = running_mean.value, running_var.value
+        y = (x32 - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(self.dtype)
+
+    def _mean(self, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+        mean = jnp.mean(x, axis=axes)
+        if self.axis_name is not None:
+            mean = lax.pmean(mean, self.axis_name)
+        return mean
+
+
+def _pool(x: jax.Array, init: Any, op: Any, window: int, stride: int, padding: list) -> jax.Array:
+    return lax.reduce_window(x, init, op, (1, window, window, 1), (1, stride, stride, 1), [(0, 0), *padding, (0, 0)])
+
+
+def max_pool(x: jax.Array, window: int, stride: int, pad: int) -> jax.Array:
+    """PyTorch MaxPool2d(window, stride, padding=pad), floor mode: padding never wins the max."""
+    init = jnp.array(-jnp.inf, x.dtype)
+    return _pool(x, init, lax.max, window, stride, [(pad, pad), (pad, pad)])
+
+
+def avg_pool_include_pad(x: jax.Array, window: int, stride: int, pad: int) -> jax.Array:
+    """PyTorch AvgPool2d(window, stride, padding=pad) with count_include_pad=True, floor mode."""
+    summed = _pool(x, jnp.array(0, x.dtype), lax.add, window, stride, [(pad, pad), (pad, pad)])
+    return summed / (window * window)
+
+
+def avg_pool_ceil_exclude_pad(x: jax.Array, window: int) -> jax.Array:
+    """PyTorch AvgPool2d(window, window, ceil_mode=True, count_include_pad=False).
+
+    An odd-sized input keeps a last, partial window that averages only the pixels it covers.
+    """
+    padding = [(0, -size % window) for size in x.shape[1:3]]
+    summed = _pool(x, jnp.array(0, x.dtype), lax.add, window, window, padding)
+    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+    counts = _pool(ones, jnp.array(0, x.dtype), lax.add, window, window, padding)
+    return summed / counts

@@ -1,0 +1,342 @@
+"""Res2Net, Res2NeXt and DLA-Res2Net as Flax Linen modules.
+
+Submodule names follow the PyTorch reference (timm / official Res2Net) so that every converted
+weight has one obvious home: PyTorch `layer1.0.convs.2.weight` lives at Flax
+`params/layer1_0/convs_2/kernel` (a numeric path component joins its parent with '_').
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from res2net_jax.layers import (
+    BatchNorm,
+    avg_pool_ceil_exclude_pad,
+    avg_pool_include_pad,
+    conv,
+    max_pool,
+)
+
+Dtype = Any
+
+
+def _check_images(x: jax.Array, multiple: int = 1) -> None:
+    if x.ndim != 4 or x.shape[-1] != 3:
+        hint = " (NCHW? transpose to NHWC)" if x.ndim == 4 and x.shape[1] == 3 else ""
+        raise ValueError(f"expected NHWC images with 3 channels, got shape {x.shape}{hint}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"expected normalised float images, got {x.dtype}; res2net_jax.make_predict_fn preprocesses uint8 images"
+        )
+    height, width = x.shape[1:3]
+    if height < 32 or width < 32 or height % multiple or width % multiple:
+        rule = f"divisible by {multiple}" if multiple > 1 else "at least 32 px"
+        raise ValueError(f"image size {height}x{width} is not supported: height and width must be {rule}")
+
+
+class Bottle2neck(nn.Module):
+    """The hierarchical split-and-add bottleneck.
+
+    1x1 conv to `width * scale` channels, split into `scale` groups; group i > 1 is added to the
+    previous branch's output before its 3x3 conv (except in a stage's first block, where every branch
+    sees only its own group and the last group is average-pooled); concat, 1x1 conv, residual add.
+    `shortcut` is 'identity', 'conv' (1x1 conv with stride + BN) or 'avg_conv' (2x2 average pool
+    when strided, then 1x1 conv + BN); DLA passes its residual in instead.
+    """
+
+    width: int
+    out_features: int
+    scale: int = 4
+    cardinality: int = 1
+    stride: int = 1
+    first: bool = False
+    shortcut: str = "identity"
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, residual: jax.Array | None = None) -> jax.Array:
+        def bn(name: str, **kwargs: Any) -> BatchNorm:
+            return BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name=name, **kwargs)
+
+        out = conv(self.width * self.scale, 1, dtype=self.dtype, name="conv1")(x)
+        out = nn.relu(bn("bn1")(out, train))
+        splits = jnp.split(out, self.scale, axis=-1) if self.scale > 1 else [out]
+        branches = []
+        for i in range(max(1, self.scale - 1)):
+            branch_in = splits[i] if i == 0 or self.first else branches[-1] + splits[i]
+            y = conv(
+                self.width,
+                3,
+                stride=self.stride,
+                groups=self.cardinality,
+                dtype=self.dtype,
+                name=f"convs_{i}",
+            )(branch_in)
+            branches.append(nn.relu(bn(f"bns_{i}")(y, train)))
+        if self.scale > 1:
+            last = splits[-1]
+            branches.append(avg_pool_include_pad(last, 3, self.stride, 1) if self.first else last)
+        out = jnp.concatenate(branches, axis=-1)
+        out = conv(self.out_features, 1, dtype=self.dtype, name="conv3")(out)
+        out = bn("bn3", scale_init=nn.initializers.zeros)(out, train)
+        if residual is None:
+            residual = self._shortcut(x, train, bn)
+        return nn.relu(out + residual)
+
+    def _shortcut(self, x: jax.Array, train: bool, bn: Any) -> jax.Array:
+        if self.shortcut == "identity":
+            return x
+        if self.shortcut == "conv":
+            y = conv(self.out_features, 1, stride=self.stride, dtype=self.dtype, name="downsample_0")(x)
+            return bn("downsample_1")(y, train)
+        if self.shortcut == "avg_conv":
+            if self.stride > 1:
+                x = avg_pool_ceil_exclude_pad(x, self.stride)
+            y = conv(self.out_features, 1, dtype=self.dtype, name="downsample_1")(x)
+            return bn("downsample_2")(y, train)
+        raise ValueError(f"unknown shortcut {self.shortcut!r}: use 'identity', 'conv' or 'avg_conv'")
+
+
+class Res2Net(nn.Module):
+    """Res2Net / Res2NeXt on the ResNet layout.
+
+    v1: 7x7/2 stem and 1x1 strided-conv shortcuts. v1b ("d"): `deep_stem` (three 3x3 convs, 32-32-64)
+    and `avg_down` shortcuts (2x2 average pool, then a stride-1 1x1 conv).
+    """
+
+    layers: Sequence[int]
+    base_width: int = 26
+    scale: int = 4
+    cardinality: int = 1
+    deep_stem: bool = False
+    avg_down: bool = False
+    num_classes: int = 1000
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    def setup(self) -> None:
+        dt = self.dtype
+        if self.deep_stem:
+            self.conv1 = {
+                "0": conv(32, 3, stride=2, dtype=dt),
+                "1": self._bn(),
+                "3": conv(32, 3, dtype=dt),
+                "4": self._bn(),
+                "6": conv(64, 3, dtype=dt),
+            }
+        else:
+            self.conv1 = conv(64, 7, stride=2, dtype=dt)
+        self.bn1 = self._bn()
+        in_features = 64
+        for stage, (depth, planes) in enumerate(zip(self.layers, (64, 128, 256, 512), strict=True)):
+            width = (planes * self.base_width // 64) * self.cardinality
+            stage_stride = 1 if stage == 0 else 2
+            blocks = []
+            for index in range(depth):
+                stride = stage_stride if index == 0 else 1
+                needs_projection = stride != 1 or in_features != planes * 4
+                blocks.append(
+                    Bottle2neck(
+                        width=width,
+                        out_features=planes * 4,
+                        scale=self.scale,
+                        cardinality=self.cardinality,
+                        stride=stride,
+                        first=needs_projection,
+                        shortcut=("avg_conv" if self.avg_down else "conv") if needs_projection else "identity",
+                        dtype=dt,
+                        axis_name=self.axis_name,
+                    )
+                )
+                in_features = planes * 4
+            setattr(self, f"layer{stage + 1}", blocks)
+        self.fc = nn.Dense(self.num_classes, dtype=dt, param_dtype=jnp.float32)
+
+    def _bn(self) -> BatchNorm:
+        return BatchNorm(dtype=self.dtype, axis_name=self.axis_name)
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """Channels and stride of each map `stage_features` returns."""
+        return [
+            {"num_chs": planes * 4, "reduction": 4 * 2**i, "module": f"layer{i + 1}"}
+            for i, planes in enumerate((64, 128, 256, 512))
+        ]
+
+    def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        """The output of each of the four stages (strides 4, 8, 16, 32), for backbone use."""
+        _check_images(x)
+        x = x.astype(self.dtype)
+        if self.deep_stem:
+            for key in ("0", "1", "3", "4", "6"):
+                layer = self.conv1[key]
+                x = nn.relu(layer(x, train)) if isinstance(layer, BatchNorm) else layer(x)
+        else:
+            x = self.conv1(x)
+        x = nn.relu(self.bn1(x, train))
+        x = max_pool(x, 3, 2, 1)
+        features = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = block(x, train)
+            features.append(x)
+        return tuple(features)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Global average pool and classifier over the last stage's map."""
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return self.fc(x.astype(self.dtype)).astype(jnp.float32)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits (float32) for NHWC images normalised with the ImageNet mean and std."""
+        return self.head(self.stage_features(x, train)[-1])
+
+
+class DlaRoot(nn.Module):
+    """Aggregation node: 1x1 conv over the concatenated children, BN, ReLU."""
+
+    out_features: int
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, children: list[jax.Array], train: bool) -> jax.Array:
+        x = conv(self.out_features, 1, dtype=self.dtype, name="conv")(jnp.concatenate(children, axis=-1))
+        return nn.relu(BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="bn")(x, train))
+
+
+class DlaTree(nn.Module):
+    """A DLA hierarchical aggregation tree of Res2Net blocks (timm's DlaTree, expansion 2)."""
+
+    levels: int
+    in_features: int
+    out_features: int
+    stride: int = 1
+    level_root: bool = False
+    base_width: int = 28
+    scale: int = 4
+    cardinality: int = 1
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, children: list[jax.Array] | None = None) -> jax.Array:
+        children = [] if children is None else list(children)
+        bottom = max_pool(x, self.stride, self.stride, 0) if self.stride > 1 else x
+        if self.level_root:
+            children.append(bottom)
+        common = {"dtype": self.dtype, "axis_name": self.axis_name}
+        if self.levels == 1:
+            shortcut = bottom
+            if self.in_features != self.out_features:
+                shortcut = conv(self.out_features, 1, dtype=self.dtype, name="project_0")(bottom)
+                shortcut = BatchNorm(name="project_1", **common)(shortcut, train)
+            x1 = self._block(self.stride, "tree1")(x, train, shortcut)
+            x2 = self._block(1, "tree2")(x1, train)
+            return DlaRoot(self.out_features, name="root", **common)([x2, x1, *children], train)
+        tree_args = {"base_width": self.base_width, "scale": self.scale, "cardinality": self.cardinality, **common}
+        x1 = DlaTree(self.levels - 1, self.in_features, self.out_features, self.stride, name="tree1", **tree_args)(
+            x, train
+        )
+        return DlaTree(self.levels - 1, self.out_features, self.out_features, name="tree2", **tree_args)(
+            x1, train, [*children, x1]
+        )
+
+    def _block(self, stride: int, name: str) -> Bottle2neck:
+        width = (self.out_features * self.base_width // 64) * self.cardinality // 2
+        return Bottle2neck(
+            width=width,
+            out_features=self.out_features,
+            scale=self.scale,
+            cardinality=self.cardinality,
+            stride=stride,
+            first=stride > 1,
+            dtype=self.dtype,
+            axis_name=self.axis_name,
+            name=name,
+        )
+
+
+class DLA(nn.Module):
+    """DLA-60 with Res2Net / Res2NeXt bottlenecks.
+
+    The reference adds a 2x2 max-pooled input to a padded stride-2 conv output, so height and width
+    must be divisible by 32 (timm raises for other sizes too).
+    """
+
+    levels: Sequence[int] = (1, 1, 1, 2, 3, 1)
+    channels: Sequence[int] = (16, 32, 128, 256, 512, 1024)
+    base_width: int = 28
+    scale: int = 4
+    cardinality: int = 1
+    num_classes: int = 1000
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    def setup(self) -> None:
+        dt = self.dtype
+        c = self.channels
+        self.base_layer = {"0": conv(c[0], 7, dtype=dt), "1": self._bn()}
+        self.level0 = self._conv_level(c[0], self.levels[0], 1)
+        self.level1 = self._conv_level(c[1], self.levels[1], 2)
+        tree_args = {
+            "base_width": self.base_width,
+            "scale": self.scale,
+            "cardinality": self.cardinality,
+            "dtype": dt,
+            "axis_name": self.axis_name,
+        }
+        self.level2 = DlaTree(self.levels[2], c[1], c[2], 2, level_root=False, **tree_args)
+        self.level3 = DlaTree(self.levels[3], c[2], c[3], 2, level_root=True, **tree_args)
+        self.level4 = DlaTree(self.levels[4], c[3], c[4], 2, level_root=True, **tree_args)
+        self.level5 = DlaTree(self.levels[5], c[4], c[5], 2, level_root=True, **tree_args)
+        self.fc = conv(self.num_classes, 1, bias=True, dtype=dt)
+
+    def _bn(self) -> BatchNorm:
+        return BatchNorm(dtype=self.dtype, axis_name=self.axis_name)
+
+    def _conv_level(self, features: int, num_convs: int, stride: int) -> dict[str, nn.Module]:
+        layers: dict[str, nn.Module] = {}
+        for i in range(num_convs):
+            layers[str(3 * i)] = conv(features, 3, stride=stride if i == 0 else 1, dtype=self.dtype)
+            layers[str(3 * i + 1)] = self._bn()
+        return layers
+
+    @staticmethod
+    def _run_conv_level(layers: dict[str, nn.Module], x: jax.Array, train: bool) -> jax.Array:
+        for i in range(len(layers) // 2):
+            x = nn.relu(layers[str(3 * i + 1)](layers[str(3 * i)](x), train))
+        return x
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """Channels and stride of each map `stage_features` returns."""
+        return [{"num_chs": self.channels[i], "reduction": 2**i, "module": f"level{i}"} for i in range(2, 6)]
+
+    def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        """The outputs of levels 2-5 (strides 4, 8, 16, 32), for backbone use."""
+        _check_images(x, multiple=32)
+        x = x.astype(self.dtype)
+        x = self._run_conv_level(self.base_layer, x, train)
+        x = self._run_conv_level(self.level0, x, train)
+        x = self._run_conv_level(self.level1, x, train)
+        features = []
+        for level in (self.level2, self.level3, self.level4, self.level5):
+            x = level(x, train)
+            features.append(x)
+        return tuple(features)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Global average pool and the 1x1-conv classifier over the last level's map."""
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+        return self.fc(x.astype(self.dtype))[:, 0, 0, :].astype(jnp.float32)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits (float32) for NHWC images normalised with the ImageNet mean and std."""
+        return self.head(self.stage_features(x, train)[-1])

@@ -1,0 +1,111 @@
+"""The model registry: every variant by its timm name, MindCV names as aliases."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from res2net_jax.models import DLA, Res2Net
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build a variant, and what its published ImageNet weights are.
+
+    `params_m` is the published parameter count in millions (BN running statistics excluded; None
+    where none is published);
+    `top1`/`top5` are timm's ImageNet-1k validation figures for `hf_hub_id`'s weights.
+    """
+
+    name: str
+    family: type[nn.Module]
+    kwargs: dict[str, Any]
+    params_m: float | None
+    top1: float | None = None
+    top5: float | None = None
+    hf_hub_id: str | None = None
+    input_size: int = 224
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+_R50 = (3, 4, 6, 3)
+_R101 = (3, 4, 23, 3)
+_R152 = (3, 8, 36, 3)
+_V1B = {"deep_stem": True, "avg_down": True}
+
+_SPECS = [
+    ModelSpec("res2net50_26w_4s", Res2Net, {"layers": _R50, "base_width": 26, "scale": 4}, 25.70, 77.994, 93.860),
+    ModelSpec("res2net101_26w_4s", Res2Net, {"layers": _R101, "base_width": 26, "scale": 4}, 45.21, 79.192, 94.466),
+    ModelSpec("res2net50_26w_6s", Res2Net, {"layers": _R50, "base_width": 26, "scale": 6}, 37.05, 78.586, 94.120),
+    ModelSpec("res2net50_26w_8s", Res2Net, {"layers": _R50, "base_width": 26, "scale": 8}, 48.40, 78.950, 94.280),
+    ModelSpec("res2net50_48w_2s", Res2Net, {"layers": _R50, "base_width": 48, "scale": 2}, 25.29, 77.528, 93.562),
+    ModelSpec("res2net50_14w_8s", Res2Net, {"layers": _R50, "base_width": 14, "scale": 8}, 25.06, 78.142, 93.852),
+    ModelSpec(
+        "res2next50",
+        Res2Net,
+        {"layers": _R50, "base_width": 4, "scale": 4, "cardinality": 8},
+        24.67,
+        78.238,
+        93.904,
+    ),
+    ModelSpec("res2net50d", Res2Net, {"layers": _R50, "base_width": 26, "scale": 4, **_V1B}, 25.72, 80.280, 95.028),
+    ModelSpec("res2net101d", Res2Net, {"layers": _R101, "base_width": 26, "scale": 4, **_V1B}, 45.23, 81.236, 95.346),
+    ModelSpec("dla60_res2net", DLA, {"base_width": 28, "scale": 4, "cardinality": 1}, 20.85, 78.480, 94.204),
+    ModelSpec("dla60_res2next", DLA, {"base_width": 4, "scale": 4, "cardinality": 8}, 17.03, 78.488, 94.144),
+    # MindCV-only depths: no published weights.
+    ModelSpec("res2net152", Res2Net, {"layers": _R152, "base_width": 26, "scale": 4}, 61.27),
+    ModelSpec("res2net152_v1b", Res2Net, {"layers": _R152, "base_width": 26, "scale": 4, **_V1B}, None),
+]
+_SPECS = [dataclasses.replace(s, hf_hub_id=f"timm/{s.name}.in1k") if s.top1 is not None else s for s in _SPECS]
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
+
+# MindCV's names for the same networks (identical weights up to key naming).
+ALIASES: dict[str, str] = {
+    "res2net50": "res2net50_26w_4s",
+    "res2net101": "res2net101_26w_4s",
+    "res2net50_v1b": "res2net50d",
+    "res2net101_v1b": "res2net101d",
+}
+
+
+def list_models() -> list[str]:
+    """Every name `create_model` accepts, aliases included, sorted."""
+    return sorted([*MODELS, *ALIASES])
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered name or alias; an unknown name is an error listing close names."""
+    canonical = ALIASES.get(name, name)
+    if canonical not in MODELS:
+        close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
+    return MODELS[canonical]
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    dtype: Any = jnp.float32,
+    axis_name: str | None = None,
+) -> nn.Module:
+    """A Linen module for `name`.
+
+    `dtype` is the compute dtype (float32 or bfloat16); parameters and BN statistics stay float32.
+    `axis_name` synchronises BN batch statistics over a mapped axis in data-parallel training.
+    """
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"compute dtype must be float32 or bfloat16, got {jnp.dtype(dtype).name}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    spec = get_spec(name)
+    return spec.family(**spec.kwargs, num_classes=num_classes, dtype=dtype, axis_name=axis_name)
