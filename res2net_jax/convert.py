@@ -41,7 +41,7 @@ def _torch_module_path(flax_path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _torch_layout(shapes: Variables) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+def torch_layout(shapes: Variables) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """Maps each PyTorch key to its Flax variable path and its PyTorch-layout shape."""
     layout = {}
     flat = traverse_util.flatten_dict(shapes)
@@ -63,7 +63,7 @@ def _torch_layout(shapes: Variables) -> dict[str, tuple[tuple[str, ...], tuple[i
 def _expected(model_name: str, num_classes: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     model = create_model(model_name, num_classes=num_classes)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
-    return _torch_layout(shapes)
+    return torch_layout(shapes)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -188,7 +188,7 @@ def check_variables(variables: Variables, model_name: str) -> None:
         if collection not in variables:
             raise CheckpointMismatchError(f"variables have no {collection!r} collection")
     expected = _expected(get_spec(model_name).name, num_classes_of(variables))
-    found = {key: jax.ShapeDtypeStruct(shape, jnp.float32) for key, (_, shape) in _torch_layout(variables).items()}
+    found = {key: jax.ShapeDtypeStruct(shape, jnp.float32) for key, (_, shape) in torch_layout(variables).items()}
     _check(found, expected, model_name)
 
 
@@ -201,7 +201,7 @@ def to_torch(variables: Variables, model_name: str) -> dict[str, np.ndarray]:
     check_variables(variables, model_name)
     flat = traverse_util.flatten_dict(variables)
     state_dict = {}
-    for key, (path, _) in _torch_layout(variables).items():
+    for key, (path, _) in torch_layout(variables).items():
         value = np.asarray(flat[path], dtype=np.float32)
         if path[-1] == "kernel":
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T

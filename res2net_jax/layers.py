@@ -11,6 +11,12 @@ from jax import lax
 
 Dtype = Any
 
+
+def accumulation_dtype(dtype: Dtype) -> Dtype:
+    """float32 for float32/bfloat16 compute; float64 stays float64 (numerical verification)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 # timm initialises convolutions with Kaiming-normal, fan-out, ReLU gain.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -47,7 +53,7 @@ def conv(
 class BatchNorm(nn.Module):
     """Batch normalisation with PyTorch's semantics (eps 1e-5, momentum 0.1 in PyTorch's convention).
 
-    Statistics are computed in float32 whatever the compute dtype, with the two-pass variance. In train
+    Statistics are computed in float32 (or float64) whatever the compute dtype, with the two-pass variance. In train
     mode the running variance is updated with the unbiased batch variance, as PyTorch does, so running
     statistics after a train step equal PyTorch's. With `axis_name` set, batch statistics are averaged
     over that mapped axis (synchronised BN in a data-parallel step).
@@ -66,21 +72,22 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-        x32 = x.astype(jnp.float32)
+        acc = accumulation_dtype(self.dtype)
+        xf = x.astype(acc)
         if train:
             reduce_axes = tuple(range(x.ndim - 1))
-            mean = self._mean(x32, reduce_axes)
-            var = self._mean(jnp.square(x32 - mean), reduce_axes)
+            mean = self._mean(xf, reduce_axes)
+            var = self._mean(jnp.square(xf - mean), reduce_axes)
             if not self.is_initializing():
-                count = x32.size // channels
+                count = xf.size // channels
                 if self.axis_name is not None:
                     count = count * lax.psum(1, self.axis_name)
                 unbiased_var = var * (count / max(count - 1, 1))
-                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased_var
+                running_mean.value = self.momentum * running_mean.value.astype(acc) + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value.astype(acc) + (1 - self.momentum) * unbiased_var
         else:
             mean, var = running_mean.value, running_var.value
-        y = (x32 - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
+        y = (xf - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
         return y.astype(self.dtype)
 
     def _mean(self, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from res2net_jax.layers import (
     BatchNorm,
+    accumulation_dtype,
     avg_pool_ceil_exclude_pad,
     avg_pool_include_pad,
     conv,
@@ -190,8 +191,9 @@ class Res2Net(nn.Module):
 
     def head(self, x: jax.Array) -> jax.Array:
         """Global average pool and classifier over the last stage's map."""
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return self.fc(x.astype(self.dtype)).astype(jnp.float32)
+        acc = accumulation_dtype(self.dtype)
+        x = jnp.mean(x.astype(acc), axis=(1, 2))
+        return self.fc(x.astype(self.dtype)).astype(acc)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits (float32) for NHWC images normalised with the ImageNet mean and std."""
@@ -334,8 +336,9 @@ class DLA(nn.Module):
 
     def head(self, x: jax.Array) -> jax.Array:
         """Global average pool and the 1x1-conv classifier over the last level's map."""
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-        return self.fc(x.astype(self.dtype))[:, 0, 0, :].astype(jnp.float32)
+        acc = accumulation_dtype(self.dtype)
+        x = jnp.mean(x.astype(acc), axis=(1, 2), keepdims=True)
+        return self.fc(x.astype(self.dtype))[:, 0, 0, :].astype(acc)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits (float32) for NHWC images normalised with the ImageNet mean and std."""

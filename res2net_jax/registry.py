@@ -100,11 +100,12 @@ def create_model(
 ) -> nn.Module:
     """A Linen module for `name`.
 
-    `dtype` is the compute dtype (float32 or bfloat16); parameters and BN statistics stay float32.
+    `dtype` is the compute dtype: float32 or bfloat16 (parameters and BN statistics stay float32),
+    or float64 under `jax.enable_x64(True)` for numerical verification.
     `axis_name` synchronises BN batch statistics over a mapped axis in data-parallel training.
     """
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"compute dtype must be float32 or bfloat16, got {jnp.dtype(dtype).name}")
+    if jnp.dtype(dtype).name not in ("float32", "bfloat16", "float64"):
+        raise ValueError(f"compute dtype must be float32 or bfloat16 (float64 to verify), got {jnp.dtype(dtype).name}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     spec = get_spec(name)

@@ -1,0 +1,86 @@
+"""Shared helpers: timm reference models with randomised weights and BN statistics."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the reference runs on the CPU
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.models.res2net import Bottle2neck
+from timm.models.resnet import ResNet
+
+# MindCV-only depths are not registered in timm; build them from timm's own parts.
+_TIMM_BUILDERS = {
+    "res2net152": lambda: ResNet(Bottle2neck, [3, 8, 36, 3], base_width=26, block_args={"scale": 4}),
+    "res2net152_v1b": lambda: ResNet(
+        Bottle2neck,
+        [3, 8, 36, 3],
+        base_width=26,
+        block_args={"scale": 4},
+        stem_type="deep",
+        stem_width=32,
+        avg_down=True,
+    ),
+}
+
+
+def timm_model(name: str, seed: int = 0, num_classes: int = 1000) -> torch.nn.Module:
+    """The timm network for `name` with random weights AND random BN statistics and affine params.
+
+    Conv weights are rescaled per layer so activations stay O(1) through 150 layers, which keeps the
+    relative-error comparison meaningful.
+    """
+    torch.manual_seed(seed)
+    if name in _TIMM_BUILDERS:
+        model = _TIMM_BUILDERS[name]()
+        if num_classes != 1000:
+            model.reset_classifier(num_classes)
+    else:
+        model = timm.create_model(name, num_classes=num_classes)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
+                if module.bias is not None:
+                    module.bias.normal_(0.0, 0.1)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+            elif isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, module.in_features**-0.5)
+                module.bias.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def rel_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    """max |actual - reference| / max |reference|."""
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    return float(np.max(np.abs(actual - reference)) / np.max(np.abs(reference)))
+
+
+def images_nchw(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randn(batch, 3, height, width).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tmp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """res2net50_26w_4s (random, BN randomised) saved as .pth and .safetensors, with its state dict."""
+    from safetensors.torch import save_file
+
+    directory = tmp_path_factory.mktemp("weights")
+    model = timm_model("res2net50_26w_4s")
+    paths = {"pth": str(directory / "r50.pth"), "safetensors": str(directory / "r50.safetensors")}
+    torch.save(model.state_dict(), paths["pth"])
+    save_file(model.state_dict(), paths["safetensors"])
+    return paths
