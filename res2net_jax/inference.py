@@ -69,7 +69,9 @@ def make_predict_fn(
     @jax.jit
     def predict(variables: Any, images: jax.Array) -> Prediction:
         logits = model.apply(variables, preprocess(images, input_size, crop_pct), train=False)
-        probs, classes = jax.lax.top_k(jax.nn.softmax(logits), top_k)
+        # Rank by logits: probabilities that underflow to 0 would tie.
+        _, classes = jax.lax.top_k(logits, top_k)
+        probs = jnp.take_along_axis(jax.nn.softmax(logits), classes, axis=-1)
         return Prediction(logits, probs, classes)
 
     return functools.partial(predict, variables)

@@ -1,0 +1,139 @@
+"""Strict conversion errors, head replacement, and the file formats the loader reads and writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
+
+from res2net_jax import convert, create_model
+from res2net_jax.convert import CheckpointMismatchError
+
+NAME = "res2net50_26w_4s"
+
+
+@pytest.fixture(scope="module")
+def state_dict() -> dict[str, np.ndarray]:
+    return state_dict_numpy(timm_model(NAME))
+
+
+def test_missing_unexpected_and_misshaped_keys_are_listed(state_dict: dict) -> None:
+    broken = dict(state_dict)
+    for key in ["layer1.0.conv1.weight", "layer2.1.bns.0.running_var", "layer3.0.conv3.weight"]:
+        del broken[key]
+    broken["layer9.0.conv1.weight"] = np.zeros((3, 3, 1, 1), np.float32)
+    broken["layer4.0.bn3.bias"] = np.zeros(5, np.float32)
+    with pytest.raises(CheckpointMismatchError) as raised:
+        convert.from_torch(broken, NAME)
+    message = str(raised.value)
+    assert "missing 3 (layer1.0.conv1.weight, layer2.1.bns.0.running_var, layer3.0.conv3.weight)" in message
+    assert "unexpected 1 (layer9.0.conv1.weight)" in message
+    assert "mis-shaped 1 (layer4.0.bn3.bias: file (5,) vs model (2048,))" in message
+
+
+def test_error_says_which_variant_the_file_is(state_dict: dict) -> None:
+    with pytest.raises(CheckpointMismatchError, match=r"does not fit res2net50d: .*looks like res2net50_26w_4s"):
+        convert.from_torch(state_dict, "res2net50d")
+    v1b = state_dict_numpy(timm_model("res2net50d"))
+    with pytest.raises(CheckpointMismatchError, match=r"looks like res2net50d"):
+        convert.from_torch(v1b, "res2net50")
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"missing 427 \(bn1.bias, .*, \.\.\.\); unexpected 1 \(encoder.weight\)\. It does not look like any",
+    ):
+        convert.from_torch({"encoder.weight": np.zeros((4, 4), np.float32)}, NAME)
+
+
+def test_other_class_count_needs_reset_head(state_dict: dict) -> None:
+    with pytest.raises(CheckpointMismatchError, match="head has 1000 classes but 10.*reset_head=True"):
+        convert.from_torch(state_dict, NAME, num_classes=10)
+    variables = convert.from_torch(state_dict, NAME, num_classes=10, reset_head=True, rng=jax.random.key(1))
+    assert variables["params"]["fc"]["kernel"].shape == (2048, 10)
+    assert float(jnp.std(variables["params"]["fc"]["kernel"])) > 0
+    # The body is the checkpoint's: stage features equal those of the unchanged 1000-class model.
+    full = convert.from_torch(state_dict, NAME)
+    x = jnp.asarray(images_nchw(1, 64, 64).transpose(0, 2, 3, 1))
+    ten, thousand = create_model(NAME, num_classes=10), create_model(NAME)
+    ours = ten.apply(variables, x, method=ten.stage_features)[-1]
+    theirs = thousand.apply(full, x, method=thousand.stage_features)[-1]
+    np.testing.assert_array_equal(ours, theirs)
+    # A 10-class checkpoint then loads as it is.
+    reloaded = convert.from_torch(convert.to_torch(variables, NAME), NAME)
+    np.testing.assert_array_equal(reloaded["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
+
+
+def test_loader_reads_every_torch_format(tmp_path, state_dict: dict, tmp_weights: dict) -> None:
+    tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
+    legacy = tmp_path / "legacy.pth"
+    torch.save(tensors, legacy, _use_new_zipfile_serialization=False)
+    wrapped = tmp_path / "trainer_checkpoint.bin"  # a training checkpoint saved from DataParallel
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in tensors.items()}}, wrapped)
+    half = tmp_path / "half.pth"
+    torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}, half)
+    for path in [tmp_weights["pth"], tmp_weights["safetensors"], legacy, wrapped]:
+        loaded = convert.load_state_dict(path)
+        assert set(loaded) == set(state_dict)
+        for key, value in state_dict.items():
+            np.testing.assert_array_equal(loaded[key], value, err_msg=f"{path}: {key}")
+    loaded_half = convert.load_state_dict(half)
+    assert rel_error(loaded_half["fc.weight"], state_dict["fc.weight"]) < 1e-2
+
+
+def test_unreadable_files_name_the_file(tmp_path, tmp_weights: dict) -> None:
+    with pytest.raises(FileNotFoundError, match="weights file not found: .*nowhere.pth"):
+        convert.load_state_dict(tmp_path / "nowhere.pth")
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights")
+    with pytest.raises(ValueError, match="notes.pth.*neither a PyTorch checkpoint"):
+        convert.load_state_dict(text)
+    for kind in ["pth", "safetensors"]:
+        truncated = tmp_path / f"truncated.{kind}"
+        truncated.write_bytes(open(tmp_weights[kind], "rb").read()[:100_000])
+        with pytest.raises(ValueError, match=f"cannot read weights file .*truncated.{kind}"):
+            convert.load_state_dict(truncated)
+    not_a_dict = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), not_a_dict)
+    with pytest.raises(ValueError, match="holds a Tensor, not a state dict"):
+        convert.load_state_dict(not_a_dict)
+
+
+def test_orbax_directory_round_trip(tmp_path, state_dict: dict) -> None:
+    variables = convert.from_torch(state_dict, NAME)
+    directory = tmp_path / "flax"
+    convert.save_variables(variables, directory)
+    with pytest.raises(FileExistsError, match="exists"):
+        convert.save_variables(variables, directory)
+    restored = convert.load_variables(directory, NAME)
+    for ours, theirs in zip(jax.tree.leaves(restored), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    with pytest.raises(CheckpointMismatchError, match="does not fit res2net101d"):
+        convert.load_variables(directory, "res2net101d")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_export_cli_converts_both_ways_and_never_overwrites(tmp_path, state_dict: dict, tmp_weights: dict) -> None:
+    flax_dir, back = tmp_path / "flax", tmp_path / "back.safetensors"
+    done = _run("res2net_jax.export", "--format=orbax", "--model=res2net50", f"--weights={tmp_weights['pth']}",
+                f"--out={flax_dir}")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "wrote res2net50 (1000 classes) as orbax" in done.stdout
+    done = _run("res2net_jax.export", "--format=torch", "--model=res2net50", f"--weights={flax_dir}", f"--out={back}")
+    assert done.returncode == 0, done.stderr
+    reloaded = convert.load_state_dict(back)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(reloaded[key], value, err_msg=key)
+    before = back.read_bytes()
+    done = _run("res2net_jax.export", "--format=torch", "--model=res2net50", f"--weights={flax_dir}", f"--out={back}")
+    assert done.returncode != 0 and "exists" in done.stderr
+    assert back.read_bytes() == before

@@ -1,0 +1,116 @@
+"""The jitted inference function, its preprocessing, and the predict command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import state_dict_numpy, timm_model
+from PIL import Image
+
+from res2net_jax import convert, create_model, make_predict_fn, preprocess
+from res2net_jax.inference import imagenet_classes
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+
+def _torch_eval_transform(images: np.ndarray) -> np.ndarray:
+    """The timm/torchvision evaluation transform: Resize(256, bilinear, antialias), CenterCrop(224), normalise."""
+    _, height, width, _ = images.shape
+    size = (256, int(256 * width / height)) if height <= width else (int(256 * height / width), 256)
+    x = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=size, mode="bilinear",
+                      antialias=True, align_corners=False)  # fmt: skip
+    top, left = round((size[0] - 224) / 2), round((size[1] - 224) / 2)
+    x = (x[:, :, top : top + 224, left : left + 224] / 255 - MEAN) / STD
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("shape", [(300, 400), (100, 80), (256, 256), (517, 333)])
+def test_preprocess_matches_torch_eval_transform(shape: tuple[int, int]) -> None:
+    images = (np.random.RandomState(0).rand(2, *shape, 3) * 255).astype(np.uint8)
+    ours = np.asarray(preprocess(jnp.asarray(images)))
+    assert ours.shape == (2, 224, 224, 3)
+    np.testing.assert_allclose(ours, _torch_eval_transform(images), atol=1e-4)
+
+
+def test_preprocess_rejects_float_input() -> None:
+    with pytest.raises(ValueError, match="uint8 batch of RGB images"):
+        preprocess(jnp.zeros((1, 64, 64, 3), jnp.float32))
+
+
+def test_predict_fn_gives_timm_top_k_and_compiles_once_per_shape() -> None:
+    reference = timm_model("res2next50")
+    model = create_model("res2next50")
+    variables = convert.from_torch(state_dict_numpy(reference), "res2next50")
+    predict = make_predict_fn(model, variables, top_k=5)
+    images = (np.random.RandomState(1).rand(3, 240, 320, 3) * 255).astype(np.uint8)
+    result = predict(images)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(_torch_eval_transform(images)).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(result.logits, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
+    probs = torch.softmax(torch.from_numpy(expected), -1).numpy()
+    top5 = np.argsort(-expected, axis=-1)[:, :5]
+    np.testing.assert_array_equal(result.top_classes, top5)
+    np.testing.assert_allclose(result.top_probs, np.take_along_axis(probs, top5, axis=-1), atol=1e-4)
+
+    compiled = predict.func  # the jitted function under functools.partial
+    predict(images[::-1].copy())
+    assert compiled._cache_size() == 1
+    predict(images[:, :200])
+    assert compiled._cache_size() == 2
+
+
+def test_class_names_follow_tfds_imagenet2012_order() -> None:
+    import importlib.util
+
+    tfds_dir = importlib.util.find_spec("tensorflow_datasets").submodule_search_locations[0]
+    with open(os.path.join(tfds_dir, "datasets", "imagenet2012", "labels.txt")) as f:
+        tfds_wnids = f.read().split()
+    names = imagenet_classes()
+    assert [name.split(" ")[0] for name in names] == tfds_wnids
+    assert names[0] == "n01440764 tench, Tinca tinca"
+
+
+def test_predict_command(tmp_path, tmp_weights: dict) -> None:
+    rng = np.random.RandomState(0)
+    rgb = (rng.rand(90, 120, 3) * 255).astype(np.uint8)
+    files = {
+        "rgb.jpg": Image.fromarray(rgb),
+        "gray.png": Image.fromarray(rgb[..., 0]),
+        "palette.png": Image.fromarray(rgb).convert("P"),
+        "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
+    paths = [str(tmp_path / n) for n in ["rgb.jpg", "missing.png", "gray.png", "corrupt.jpg", "palette.png",
+                                         "rgba.png", "cmyk.jpg"]]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "res2net_jax.predict", "--model=res2net50", f"--weights={tmp_weights['safetensors']}",
+         *paths],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "missing.png: cannot read image" in done.stderr and "corrupt.jpg: cannot read image" in done.stderr
+    assert "2 of 7 images could not be read" in done.stderr
+    blocks = done.stdout.strip().split("\n" + str(tmp_path))
+    assert len(blocks) == 5  # every readable image, in order, each with five classes
+    names = set(imagenet_classes())
+    for block in blocks:
+        rows = block.strip().splitlines()[1:]
+        assert len(rows) == 5
+        assert all(row.split(maxsplit=2)[2] in names for row in rows)
+
+    # The command's top class for the RGB image is the one the library computes.
+    variables = convert.load_variables(tmp_weights["safetensors"], "res2net50")
+    predict = make_predict_fn(create_model("res2net50"), variables)
+    top = int(predict(rgb[None]).top_classes[0, 0])
+    assert blocks[0].splitlines()[1].split()[1] == str(top)

@@ -1,0 +1,116 @@
+"""Registry, parameter counts, backbone features, dtypes and input checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
+
+from res2net_jax import convert, create_model, get_spec, list_models
+from res2net_jax.registry import ALIASES, MODELS
+
+TIMM_NAMES = [
+    "res2net50_26w_4s", "res2net101_26w_4s", "res2net50_26w_6s", "res2net50_26w_8s", "res2net50_48w_2s",
+    "res2net50_14w_8s", "res2next50", "res2net50d", "res2net101d", "dla60_res2net", "dla60_res2next",
+]  # fmt: skip
+MINDCV_NAMES = ["res2net50", "res2net101", "res2net152", "res2net50_v1b", "res2net101_v1b", "res2net152_v1b"]
+
+
+def _param_count(name: str) -> int:
+    model = create_model(name)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))
+
+
+def test_registry_names() -> None:
+    assert sorted(TIMM_NAMES + MINDCV_NAMES) == list_models()
+    # The MindCV names that timm also has are aliases of the same network.
+    assert get_spec("res2net50") is get_spec("res2net50_26w_4s")
+    assert get_spec("res2net101_v1b") is get_spec("res2net101d")
+    assert set(ALIASES) <= set(MINDCV_NAMES)
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(ValueError, match="unknown model 'res2net5O'.*Did you mean.*res2net50"):
+        create_model("res2net5O")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_parameter_count_equals_timm_and_published(name: str) -> None:
+    count = _param_count(name)
+    assert count == sum(p.numel() for p in timm_model(name).parameters())
+    published = MODELS[name].params_m
+    if published is not None:  # published figures are rounded to 0.01M
+        assert abs(count / 1e6 - published) < 0.01
+
+
+def test_stage_features_match_timm_stages() -> None:
+    for name, stages, size in [
+        ("res2net50d", [f"layer{i}" for i in range(1, 5)], (97, 113)),
+        ("dla60_res2next", [f"level{i}" for i in range(2, 6)], (64, 96)),
+    ]:
+        reference = timm_model(name)
+        captured: list[torch.Tensor] = []
+
+        def capture(module: torch.nn.Module, inputs: tuple, output: torch.Tensor, into: list = captured) -> None:
+            into.append(output)
+
+        hooks = [getattr(reference, stage).register_forward_hook(capture) for stage in stages]
+        x = images_nchw(1, *size)
+        with torch.no_grad():
+            reference(torch.from_numpy(x))
+        for hook in hooks:
+            hook.remove()
+        model = create_model(name)
+        variables = convert.from_torch(state_dict_numpy(reference), name)
+        features = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), method=model.stage_features)
+        assert [info["reduction"] for info in model.feature_info] == [4, 8, 16, 32]
+        for ours, theirs, info in zip(features, captured, model.feature_info, strict=True):
+            assert ours.shape[-1] == info["num_chs"]
+            assert rel_error(ours, theirs.numpy().transpose(0, 2, 3, 1)) <= 1e-5
+
+
+def test_bfloat16_compute_keeps_float32_state() -> None:
+    reference = timm_model("res2net50_26w_4s")
+    variables = convert.from_torch(state_dict_numpy(reference), "res2net50_26w_4s")
+    x = images_nchw(4, 64, 64)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    model = create_model("res2net50_26w_4s", dtype=jnp.bfloat16)
+    train_step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    logits, updates = train_step(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert logits.dtype == jnp.float32
+    assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+    init = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert {leaf.dtype for leaf in jax.tree.leaves(init)} == {jnp.dtype(jnp.float32)}
+    eval_logits = jax.jit(model.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert rel_error(eval_logits, expected) < 0.05  # bfloat16 keeps 8 bits of mantissa
+    assert np.array_equal(np.argmax(eval_logits, -1), np.argmax(expected, -1))
+
+
+def test_bad_inputs_are_explained() -> None:
+    model = create_model("res2net50_26w_4s")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="NHWC.*NCHW"):
+        model.apply(variables, jnp.zeros((1, 3, 64, 64)))
+    with pytest.raises(ValueError, match="uint8.*make_predict_fn"):
+        model.apply(variables, jnp.zeros((1, 64, 64, 3), jnp.uint8))
+    with pytest.raises(ValueError, match="at least 32"):
+        model.apply(variables, jnp.zeros((1, 31, 64, 3)))
+    dla = create_model("dla60_res2net")
+    with pytest.raises(ValueError, match="97x96.*divisible by 32"):
+        dla.init(jax.random.key(0), jnp.zeros((1, 97, 96, 3)))
+    with pytest.raises(ValueError, match="float16"):
+        create_model("res2net50", dtype=jnp.float16)
+
+
+def test_odd_and_minimum_sizes_run() -> None:
+    model = create_model("res2net50d", num_classes=7)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    apply = jax.jit(model.apply)
+    for size in [(32, 32), (33, 47)]:
+        logits = apply(variables, jnp.ones((2, *size, 3)))
+        assert logits.shape == (2, 7) and bool(jnp.all(jnp.isfinite(logits)))
