@@ -97,19 +97,19 @@ class BatchNorm(nn.Module):
         return mean
 
 
-def _pool(x: jax.Array, init: Any, op: Any, window: int, stride: int, padding: list) -> jax.Array:
+def _pool(x: jax.Array, init: float, op: Any, window: int, stride: int, padding: list) -> jax.Array:
+    # A Python-scalar init lets JAX recognise the max/add monoid, which has a gradient.
     return lax.reduce_window(x, init, op, (1, window, window, 1), (1, stride, stride, 1), [(0, 0), *padding, (0, 0)])
 
 
 def max_pool(x: jax.Array, window: int, stride: int, pad: int) -> jax.Array:
     """PyTorch MaxPool2d(window, stride, padding=pad), floor mode: padding never wins the max."""
-    init = jnp.array(-jnp.inf, x.dtype)
-    return _pool(x, init, lax.max, window, stride, [(pad, pad), (pad, pad)])
+    return _pool(x, -jnp.inf, lax.max, window, stride, [(pad, pad), (pad, pad)])
 
 
 def avg_pool_include_pad(x: jax.Array, window: int, stride: int, pad: int) -> jax.Array:
     """PyTorch AvgPool2d(window, stride, padding=pad) with count_include_pad=True, floor mode."""
-    summed = _pool(x, jnp.array(0, x.dtype), lax.add, window, stride, [(pad, pad), (pad, pad)])
+    summed = _pool(x, 0.0, lax.add, window, stride, [(pad, pad), (pad, pad)])
     return summed / (window * window)
 
 
@@ -119,7 +119,7 @@ def avg_pool_ceil_exclude_pad(x: jax.Array, window: int) -> jax.Array:
     An odd-sized input keeps a last, partial window that averages only the pixels it covers.
     """
     padding = [(0, -size % window) for size in x.shape[1:3]]
-    summed = _pool(x, jnp.array(0, x.dtype), lax.add, window, window, padding)
+    summed = _pool(x, 0.0, lax.add, window, window, padding)
     ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
-    counts = _pool(ones, jnp.array(0, x.dtype), lax.add, window, window, padding)
+    counts = _pool(ones, 0.0, lax.add, window, window, padding)
     return summed / counts

@@ -97,16 +97,23 @@ def create_model(
     num_classes: int = 1000,
     dtype: Any = jnp.float32,
     axis_name: str | None = None,
+    **overrides: Any,
 ) -> nn.Module:
     """A Linen module for `name`.
 
     `dtype` is the compute dtype: float32 or bfloat16 (parameters and BN statistics stay float32),
     or float64 under `jax.enable_x64(True)` for numerical verification.
     `axis_name` synchronises BN batch statistics over a mapped axis in data-parallel training.
+    `overrides` replace architecture fields, e.g. `layers=(1, 1, 1, 1)` for a reduced-depth Res2Net.
     """
     if jnp.dtype(dtype).name not in ("float32", "bfloat16", "float64"):
         raise ValueError(f"compute dtype must be float32 or bfloat16 (float64 to verify), got {jnp.dtype(dtype).name}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     spec = get_spec(name)
-    return spec.family(**spec.kwargs, num_classes=num_classes, dtype=dtype, axis_name=axis_name)
+    fields = {f.name for f in dataclasses.fields(spec.family)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{name} has no field {', '.join(unknown)}; its fields: {', '.join(sorted(fields))}")
+    kwargs = {**spec.kwargs, **overrides}
+    return spec.family(**kwargs, num_classes=num_classes, dtype=dtype, axis_name=axis_name)

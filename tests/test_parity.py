@@ -95,3 +95,34 @@ def test_224px_jitted_matches_timm(name: str) -> None:
     with jax.default_matmul_precision("highest"):
         logits = jax.jit(model.apply)(variables, _nhwc(x))
     assert rel_error(logits, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["res2net50d", "dla60_res2next"])
+def test_train_mode_gradients_match_timm(name: str) -> None:
+    """Gradients of a cross-entropy loss in train mode, every parameter, in float64 on both sides."""
+    reference = copy.deepcopy(timm_model(name)).double().train()
+    variables = convert.from_torch(state_dict_numpy(timm_model(name)), name)
+    x = images_nchw(2, *SMALL_SIZE.get(name, ODD_SIZE))
+    labels = np.array([3, 997])
+    loss = torch.nn.functional.cross_entropy(reference(torch.from_numpy(x).double()), torch.from_numpy(labels))
+    loss.backward()
+    expected = {k: p.grad.numpy() for k, p in reference.named_parameters()}
+
+    with jax.enable_x64(True):
+        model = create_model(name, dtype=jnp.float64)
+
+        def loss_fn(params: dict) -> jax.Array:
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                _nhwc(x).astype(jnp.float64),
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+
+        params_64 = jax.tree.map(lambda p: p.astype(jnp.float64), variables["params"])
+        grads = jax.grad(loss_fn)(params_64)
+        grads_torch = convert.to_torch({"params": grads, "batch_stats": variables["batch_stats"]}, name)
+    assert set(expected) <= set(grads_torch)
+    for key, value in expected.items():
+        assert rel_error(grads_torch[key], value) <= 1e-5, key
