@@ -84,3 +84,13 @@ def tmp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     torch.save(model.state_dict(), paths["pth"])
     save_file(model.state_dict(), paths["safetensors"])
     return paths
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A TFDS data directory with the offline digits dataset built in it."""
+    from res2net_jax import digits
+
+    directory = str(tmp_path_factory.mktemp("tfds"))
+    digits.SklearnDigits(data_dir=directory).download_and_prepare()
+    return directory

@@ -1,0 +1,47 @@
+"""Trains or validates a Res2Net.
+
+python main.py --config=configs/quickstart.py --workdir=/tmp/quickstart
+python main.py --config=configs/res2net50.py --workdir=runs/r50 --config.batch_size=128
+python main.py --config=configs/res2net50.py --workdir=runs/r50 --mode=eval
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/res2net50.py[:ascend].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (evaluating as it goes) or eval.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-host runs (else auto-detected or single host)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    # Imported here so TensorFlow is hidden from the accelerators before anything else touches them.
+    from res2net_jax import input_pipeline, train
+
+    input_pipeline.hide_tf_from_accelerators()
+    import jax
+
+    if _COORDINATOR.value or _NUM_PROCESSES.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config = _CONFIG.value
+    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    os.makedirs(workdir, exist_ok=True)
+    if _MODE.value == "train":
+        result = train.train_and_evaluate(config, workdir)
+    else:
+        result = train.evaluate(config, workdir)
+    del result
+
+
+if __name__ == "__main__":
+    app.run(main)

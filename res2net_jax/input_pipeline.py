@@ -1,0 +1,281 @@
+"""TFDS input pipelines for training and evaluation: deterministic, resumable, sharded per host.
+
+Every random choice of an example's augmentation is a stateless function of (seed, epoch, position
+in the epoch), and each epoch's order is a fixed function of (seed, epoch); batch `b` of epoch `e` is
+therefore the same in every run, on any number of hosts, and a restarted run re-reads exactly what
+it would have seen. Each host decodes only its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from res2net_jax import digits  # noqa: F401 - registers the offline `sklearn_digits` dataset
+from res2net_jax.registry import IMAGENET_MEAN, IMAGENET_STD
+
+FOLDER_PREFIX = "folder:"
+_MANUAL_DATASETS = {"imagenet2012", "imagenet2012_subset", "imagenet2012_real"}
+
+
+def hide_tf_from_accelerators() -> None:
+    """Keep TensorFlow off GPUs/TPUs: JAX owns them, tf.data runs on the host CPU."""
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the trainer needs to know about a dataset."""
+
+    num_classes: int
+    num_train: int
+    num_eval: int
+    train_split: str
+    eval_split: str
+
+
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for `config.dataset`, prepared (built or downloaded) if it is not yet.
+
+    `config.dataset` is a TFDS name (imagenet2012, imagenette, cifar10, cifar100, sklearn_digits, ...)
+    or `folder:/path` for a directory with one subdirectory per split holding one per class.
+    """
+    name = config.dataset
+    if name.startswith(FOLDER_PREFIX):
+        root = os.path.expanduser(name[len(FOLDER_PREFIX) :])
+        if not os.path.isdir(root):
+            raise ValueError(f"image folder {root} does not exist")
+        splits = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
+        if not splits or not any(
+            os.path.isdir(os.path.join(root, splits[0], d)) for d in os.listdir(root + "/" + splits[0])
+        ):
+            raise ValueError(
+                f"image folder {root} must hold one directory per split (train/, validation/), "
+                "each with one directory of images per class"
+            )
+        return tfds.folder_dataset.ImageFolder(root)
+    base_name = name.split(":")[0].split("/")[0]
+    if base_name not in tfds.list_builders():
+        close = difflib.get_close_matches(base_name, tfds.list_builders(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown dataset {name!r}.{hint} Use a TFDS image-classification name or folder:/path/to/images"
+        )
+    builder = tfds.builder(name, data_dir=config.get("data_dir") or None)
+    if not _is_prepared(builder):
+        if base_name in _MANUAL_DATASETS:
+            manual_dir = os.path.join(builder.data_dir_root, "downloads", "manual")
+            raise FileNotFoundError(
+                f"{name} must be downloaded by hand: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+                f"in {manual_dir} (from https://image-net.org), then run again to build the dataset"
+            )
+        builder.download_and_prepare()
+    return builder
+
+
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    try:
+        return bool(builder.info.splits)
+    except Exception:  # an unprepared builder raises on reading its splits in some TFDS versions
+        return False
+
+
+def dataset_info(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> DatasetInfo:
+    """Class count and split sizes; the eval split defaults to 'validation', else 'test'."""
+    splits = builder.info.splits
+    train_split = config.get("train_split") or "train"
+    eval_split = config.get("eval_split") or ("validation" if "validation" in splits else "test")
+    for split in (train_split, eval_split):
+        if split.split("[")[0] not in splits:
+            raise ValueError(f"{config.dataset} has no split {split!r}; it has {', '.join(splits)}")
+    label = builder.info.features["label"]
+    return DatasetInfo(
+        num_classes=label.num_classes,
+        num_train=splits[train_split].num_examples,
+        num_eval=splits[eval_split].num_examples,
+        train_split=train_split,
+        eval_split=eval_split,
+    )
+
+
+# --- Per-example preprocessing ----------------------------------------------------------------
+
+
+def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
+    return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+
+
+def _random_resized_crop(image: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+    """A crop of random area fraction and aspect ratio, resized to the training size (bilinear)."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=tuple(config.crop_ratio),
+        area_range=tuple(config.crop_scale),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    crop = tf.slice(image, begin, size)
+    return tf.image.resize(crop, [config.image_size, config.image_size], method="bilinear", antialias=True)
+
+
+def _color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
+    """Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s] (image in [0, 1])."""
+    factors = tf.random.stateless_uniform([3], seed, 1.0 - strength, 1.0 + strength)
+    image = image * factors[0]
+    gray = tf.image.rgb_to_grayscale(image)
+    image = (image - tf.reduce_mean(gray)) * factors[1] + tf.reduce_mean(gray)
+    gray = tf.image.rgb_to_grayscale(image)
+    image = (image - gray) * factors[2] + gray
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _random_erasing(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.Tensor:
+    """timm's RandomErasing ('pixel' mode): a box of 2-33% area, aspect 0.3-3.3, filled with N(0, 1)."""
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    draw = tf.random.stateless_uniform([3], seeds[0])
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    area = tf.cast(height * width, tf.float32) * (0.02 + draw[0] * (1 / 3 - 0.02))
+    log_ratio = math.log(0.3) + draw[1] * (math.log(1 / 0.3) - math.log(0.3))
+    ratio = tf.exp(log_ratio)
+    box_h = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
+    box_w = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
+    fits = (box_h < height) & (box_w < width) & (draw[2] < probability)
+    box_h, box_w = tf.maximum(box_h, 1), tf.maximum(box_w, 1)
+    top = tf.random.stateless_uniform([], seeds[1], 0, tf.maximum(height - box_h + 1, 1), dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[2], 0, tf.maximum(width - box_w + 1, 1), dtype=tf.int32)
+    rows = tf.range(height)[:, None, None]
+    cols = tf.range(width)[None, :, None]
+    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w) & fits
+    noise = tf.random.stateless_normal(tf.shape(image), seeds[0][::-1])
+    return tf.where(inside, noise, image)
+
+
+def _normalize(image: tf.Tensor) -> tf.Tensor:
+    return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+def preprocess_train(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+    """Random-resized crop, horizontal flip, color jitter, normalisation, random erasing."""
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    image = _random_resized_crop(_decode(image_bytes), seeds[0], config) / 255.0
+    if config.hflip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    if config.color_jitter > 0:
+        image = _color_jitter(image, seeds[2], config.color_jitter)
+    image = _normalize(image)
+    if config.random_erasing > 0:
+        image = _random_erasing(image, seeds[3], config.random_erasing)
+    return image
+
+
+def preprocess_eval(image_bytes: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+    """Resize the shorter side to image_size / crop_pct (bilinear), center-crop image_size, normalise."""
+    image = tf.cast(_decode(image_bytes), tf.float32)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    short = float(int(config.image_size / config.crop_pct))
+    size = tf.cast(tf.floor(shape * short / tf.reduce_min(shape)), tf.int32)
+    size = tf.maximum(size, config.image_size)
+    image = tf.image.resize(image, size, method="bilinear", antialias=True)
+    # Round half to even, as torchvision's CenterCrop does.
+    top = tf.cast(tf.round((size[0] - config.image_size) / 2), tf.int32)
+    left = tf.cast(tf.round((size[1] - config.image_size) / 2), tf.int32)
+    image = image[top : top + config.image_size, left : left + config.image_size]
+    return _normalize(image / 255.0)
+
+
+# --- Datasets ---------------------------------------------------------------------------------
+
+
+def _read(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    read_config = tfds.ReadConfig(options=options, interleave_cycle_length=1)
+    return builder.as_dataset(
+        split=split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        shuffle_files=False,
+        read_config=read_config,
+    )
+
+
+def train_dataset(
+    builder: tfds.core.DatasetBuilder,
+    info: DatasetInfo,
+    config: ml_collections.ConfigDict,
+    epoch: int,
+    start_batch: int,
+    process_index: int,
+    process_count: int,
+) -> tf.data.Dataset:
+    """This host's slice of the global training batches of `epoch`, from batch `start_batch` on.
+
+    Yields {'image': float32 (B, S, S, 3) normalised, 'label': int32 (B,)} with B = batch_size /
+    process_count; the epoch ends after num_train // batch_size full batches.
+    """
+    local_batch = config.batch_size // process_count
+    epoch_seed = config.seed * 1_000_003 + epoch
+    ds = _read(builder, info.train_split).enumerate()
+    ds = ds.shuffle(min(info.num_train, config.shuffle_buffer), seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.batch(config.batch_size, drop_remainder=True).skip(start_batch)
+    lo, hi = process_index * local_batch, (process_index + 1) * local_batch
+    ds = ds.map(lambda i, ex: (i[lo:hi], {"image": ex["image"][lo:hi], "label": ex["label"][lo:hi]}))
+    ds = ds.unbatch()
+
+    def prepare(index: tf.Tensor, example: dict) -> dict:
+        seed = tf.stack([tf.constant(epoch_seed, tf.int64), index])
+        image = preprocess_train(example["image"], seed, config)
+        return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_steps(info: DatasetInfo, config: ml_collections.ConfigDict, process_count: int) -> int:
+    """Evaluation batches per host: enough for the largest host's share of the whole split."""
+    local_batch = config.eval_batch_size // process_count
+    return math.ceil(math.ceil(info.num_eval / process_count) / local_batch)
+
+
+def eval_dataset(
+    builder: tfds.core.DatasetBuilder,
+    info: DatasetInfo,
+    config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+) -> tf.data.Dataset:
+    """This host's share of the whole eval split, padded to `eval_steps` full batches.
+
+    Padding examples carry mask 0, so metrics count every real example exactly once.
+    """
+    local_batch = config.eval_batch_size // process_count
+    count = len(range(process_index, info.num_eval, process_count))
+
+    def prepare(example: dict) -> dict:
+        image = preprocess_eval(example["image"], config)
+        return {"image": image, "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(1.0)}
+
+    ds = _read(builder, info.eval_split).shard(process_count, process_index)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    size = config.image_size
+    padding = {"image": tf.zeros([size, size, 3]), "label": tf.constant(0), "mask": tf.constant(0.0)}
+    pad_count = eval_steps(info, config, process_count) * local_batch - count
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad_count))
+    return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's batches as dicts of numpy arrays."""
+    return iter(tfds.as_numpy(ds))

@@ -1,0 +1,605 @@
+"""Training and evaluation: one data-parallel step over every device of every host, Orbax checkpoints.
+
+The step is written for one device with named-axis collectives (gradient mean, synchronised BN
+statistics over axis 'batch') and mapped over a 1-D mesh of all devices with `jax.shard_map` inside
+`jax.jit`: the pmap programming model on the current JAX API.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from res2net_jax import convert, input_pipeline
+from res2net_jax.registry import create_model, get_spec
+
+AXIS = "batch"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what was kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs: weights, BN statistics, optimiser, EMA and the RNG."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any
+    rng: jax.Array  # raw key data, so it checkpoints as a plain array
+
+
+# --- Devices and model ------------------------------------------------------------------------
+
+
+def select_devices(backend: str) -> list[jax.Device]:
+    """All devices (of every host) of `backend`: 'cpu', 'gpu', 'tpu' or 'auto' (JAX's default)."""
+    if backend == "auto":
+        return jax.devices()
+    try:
+        return jax.devices(backend)
+    except RuntimeError:
+        available = []
+        for platform in ("cpu", "gpu", "tpu"):
+            try:
+                jax.devices(platform)
+                available.append(platform)
+            except RuntimeError:
+                pass
+        raise ValueError(
+            f"config.backend={backend!r} but this machine has no {backend.upper()} for JAX; "
+            f"available: {', '.join(available)} (or 'auto')"
+        ) from None
+
+
+def compute_dtype(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> Any:
+    """bfloat16 on GPU/TPU and float32 on CPU by default; config.dtype overrides."""
+    if config.dtype == "auto":
+        return jnp.bfloat16 if devices[0].platform in ("gpu", "tpu") else jnp.float32
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> nn.Module:
+    return create_model(
+        config.model, num_classes=num_classes, dtype=dtype, axis_name=AXIS, **dict(config.model_overrides)
+    )
+
+
+# --- Optimiser --------------------------------------------------------------------------------
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup, then cosine to min_lr, step decay every lr_decay_epochs, or constant."""
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    peak = config.learning_rate
+    if config.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=config.min_lr / peak)
+    elif config.lr_schedule == "step":
+        boundaries = int(config.lr_decay_epochs * steps_per_epoch)
+        main = optax.exponential_decay(peak, boundaries, config.lr_decay_rate, staircase=True)
+    elif config.lr_schedule == "constant":
+        main = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}: use 'cosine', 'step' or 'constant'")
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
+    """True where weight decay applies: every weight, or only conv/dense kernels."""
+    return jax.tree.map(lambda p: decay_bn_and_bias or p.ndim > 1, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """SGD (plain, momentum, Nesterov), AdamW or LAMB; clipping, weight decay, gradient accumulation."""
+    mask = functools.partial(weight_decay_mask, decay_bn_and_bias=config.decay_bn_and_bias)
+    wd = config.weight_decay
+    name = config.optimizer
+    if name in ("sgd", "momentum", "nesterov"):
+        # PyTorch-style SGD weight decay: added to the gradient before momentum.
+        momentum = None if name == "sgd" else config.momentum
+        tx = optax.chain(
+            optax.add_decayed_weights(wd, mask),
+            optax.sgd(schedule, momentum=momentum, nesterov=name == "nesterov"),
+        )
+    elif name == "adamw":
+        tx = optax.adamw(schedule, weight_decay=wd, mask=mask)
+    elif name == "lamb":
+        tx = optax.lamb(schedule, weight_decay=wd, mask=mask)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: use sgd, momentum, nesterov, adamw or lamb")
+    if config.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if config.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    return tx
+
+
+# --- Loss and augmentation on device ----------------------------------------------------------
+
+
+def mix_batch(
+    rng: jax.Array, images: jax.Array, targets: jax.Array, config: ml_collections.ConfigDict
+) -> tuple[jax.Array, jax.Array]:
+    """timm-style batch mixup / cutmix: pair each example with the batch reversed.
+
+    With both enabled, cutmix is chosen with probability mix_switch_prob. Applied to the global
+    batch, so the result does not depend on how many devices share it.
+    """
+    use_mixup, use_cutmix = config.mixup_alpha > 0, config.cutmix_alpha > 0
+    if not (use_mixup or use_cutmix):
+        return images, targets
+    lam_rng, switch_rng, box_rng = jax.random.split(rng, 3)
+    if use_mixup and use_cutmix:
+        cutmix = jax.random.uniform(switch_rng) < config.mix_switch_prob
+    else:
+        cutmix = jnp.asarray(use_cutmix)
+    alpha = jnp.where(cutmix, config.cutmix_alpha or 1.0, config.mixup_alpha or 1.0)
+    lam = jax.random.beta(lam_rng, alpha, alpha)
+    flipped = jnp.flip(images, axis=0)
+    height, width = images.shape[1:3]
+    cut_h = (height * jnp.sqrt(1 - lam)).astype(jnp.int32)
+    cut_w = (width * jnp.sqrt(1 - lam)).astype(jnp.int32)
+    cy = jax.random.randint(box_rng, (), 0, height)
+    cx = jax.random.randint(jax.random.fold_in(box_rng, 1), (), 0, width)
+    y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
+    x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+    rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    box_lam = 1 - (y1 - y0) * (x1 - x0) / (height * width)
+    mixed = jnp.where(cutmix, jnp.where(box[None, :, :, None], flipped, images), lam * images + (1 - lam) * flipped)
+    lam = jnp.where(cutmix, box_lam, lam)
+    return mixed.astype(images.dtype), lam * targets + (1 - lam) * jnp.flip(targets, axis=0)
+
+
+def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    return (
+        optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+        if smoothing
+        else jax.nn.one_hot(labels, num_classes)
+    )
+
+
+# --- Steps ------------------------------------------------------------------------------------
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """A jitted step over the global batch; the state is replicated, the batch split over devices."""
+    num_classes = model.num_classes
+    ema_decay = config.ema_decay
+
+    def per_device(state: TrainState, images: jax.Array, targets: jax.Array) -> tuple[TrainState, dict]:
+        def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
+            )
+            loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads = jax.lax.pmean(grads, AXIS)
+        loss = jax.lax.pmean(loss, AXIS)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if ema_decay > 0:
+            ema = functools.partial(optax.incremental_update, step_size=1 - ema_decay)
+            ema_params, ema_batch_stats = ema(params, state.ema_params), ema(batch_stats, state.ema_batch_stats)
+        else:
+            ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            ema_params=ema_params,
+            ema_batch_stats=ema_batch_stats,
+        )
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        targets = smoothed_one_hot(batch["label"], num_classes, config.label_smoothing)
+        images, targets = mix_batch(rng, batch["image"].astype(model.dtype), targets, config)
+        return sharded(state, images, targets)
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, dict], dict]:
+    """A jitted function from variables and a masked global batch to metric sums."""
+
+    @jax.jit
+    def eval_step(variables: Any, batch: dict) -> dict:
+        logits = model.apply(variables, batch["image"].astype(model.dtype), train=False)
+        labels, mask = batch["label"], batch["mask"]
+        top5 = jax.lax.top_k(logits, 5)[1]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {
+            "top1": jnp.sum((top5[:, 0] == labels) * mask),
+            "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+            "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step
+
+
+# --- Host side --------------------------------------------------------------------------------
+
+
+def _global_batches(
+    batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, prefetch: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """Host batches as global arrays split over all devices, `prefetch` batches ahead."""
+    queue: list[dict[str, jax.Array]] = []
+    for batch in batches:
+        queue.append({k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()})
+        if len(queue) > prefetch:
+            yield queue.pop(0)
+    yield from queue
+
+
+def evaluate_variables(
+    eval_step: Callable, variables: Any, builder: Any, info: input_pipeline.DatasetInfo,
+    config: ml_collections.ConfigDict, sharding: NamedSharding,
+) -> dict[str, float]:  # fmt: skip
+    """Top-1, top-5 (percent) and mean loss over the whole eval split."""
+    ds = input_pipeline.eval_dataset(builder, info, config, jax.process_index(), jax.process_count())
+    totals = None
+    for batch in _global_batches(input_pipeline.as_numpy(ds), sharding):
+        sums = eval_step(variables, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    if count != info.num_eval:
+        raise TrainingError(f"evaluated {count:.0f} examples, expected {info.num_eval}")
+    return {
+        "top1": 100.0 * float(totals["top1"]) / count,
+        "top5": 100.0 * float(totals["top5"]) / count,
+        "loss": float(totals["loss"]) / count,
+    }
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    for field in ("batch_size", "eval_batch_size"):
+        value = config[field]
+        if value % num_devices or value % jax.process_count():
+            raise ValueError(
+                f"config.{field}={value} does not split evenly over {num_devices} devices "
+                f"({jax.process_count()} processes): use a multiple of {num_devices}"
+            )
+
+
+def _checkpoint_meta(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo) -> dict[str, Any]:
+    return {
+        "model": get_spec(config.model).name,
+        "model_overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in config.model_overrides.items()},
+        "num_classes": info.num_classes,
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+    }
+
+
+class Checkpoints:
+    """The latest checkpoints (keep N, asynchronous) and the best one by top-1, in the workdir."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.latest = ocp.CheckpointManager(
+            os.path.join(workdir, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+        )
+        self.best = ocp.CheckpointManager(
+            os.path.join(workdir, "best"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max", create=True
+            ),
+        )
+
+    def save(self, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
+        step = int(state.step)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if self.latest.latest_step() != step:
+            self.latest.save(step, args=args)
+        if metrics is not None:
+            self.best.save(step, args=args, metrics=metrics)
+
+    def restore(self, abstract_state: TrainState, meta: dict) -> TrainState | None:
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        found = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        differences = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
+        if differences:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differences.items())
+            raise ValueError(
+                f"the workdir holds a checkpoint of another run ({detail}); "
+                "use a new --workdir, or move the old one away to start over"
+            )
+        restored = self.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+class _Sigterm:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _initial_variables(config: ml_collections.ConfigDict, model: nn.Module, num_classes: int) -> Any:
+    """config.init_weights (with a new head if reset_head), else a fresh initialisation."""
+    init_rng, head_rng = jax.random.split(jax.random.key(config.seed))
+    if config.init_weights:
+        return convert.load_variables(
+            config.init_weights, config.model, num_classes=num_classes, reset_head=config.reset_head, rng=head_rng
+        )
+    image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    return jax.jit(model.init)(init_rng, image)
+
+
+def _train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, variables: Any) -> TrainState:
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    with_ema = config.ema_decay > 0
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        # Copies: the step donates the state, and one buffer cannot be donated twice.
+        ema_params=jax.tree.map(jnp.copy, params) if with_ema else None,
+        ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if with_ema else None,
+        rng=jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)),
+    )
+
+
+def _abstract_state(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, sharding: NamedSharding
+) -> TrainState:
+    """The shapes, dtypes and shardings of a TrainState, for restoring without initialising."""
+    image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda: _train_state(config, tx, model.init(jax.random.key(0), image)))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+class _Log:
+    """Progress lines, TensorBoard scalars and metrics.jsonl, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.primary = jax.process_index() == 0
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = None
+        if self.primary:
+            import tensorflow as tf
+
+            self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops evaluations newer than the checkpoint a resumed run restarts from: it redoes them."""
+        if self.primary and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(kept)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
+        if self.writer is not None:
+            import tensorflow as tf
+
+            with self.writer.as_default(step=step):
+                for key, value in values.items():
+                    tf.summary.scalar(f"{prefix}/{key}", value)
+            self.writer.flush()
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        if self.primary:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.scalars(record["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")}, "eval")
+
+    def print(self, message: str) -> None:
+        if self.primary:
+            print(message, flush=True)
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    text = f"top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f}"
+    if "ema_top1" in metrics:
+        text += f" (EMA: top-1 {metrics['ema_top1']:.2f}% top-5 {metrics['ema_top5']:.2f}%)"
+    return text
+
+
+def _format_eta(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (resuming from the workdir's latest checkpoint) and evaluates; returns the last metrics."""
+    devices = select_devices(config.backend)
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    _check_batch_sizes(config, len(devices))
+    builder = input_pipeline.get_builder(config)
+    info = input_pipeline.dataset_info(builder, config)
+    steps_per_epoch = info.num_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {info.num_train} training examples")
+    total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+    model = build_model(config, info.num_classes, compute_dtype(config, devices))
+    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+    tx = create_optimizer(config, schedule)
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+
+    meta = _checkpoint_meta(config, info)
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    log = _Log(workdir)
+    state = checkpoints.restore(_abstract_state(config, model, tx, replicated), meta)
+    if state is None:
+        variables = _initial_variables(config, model, info.num_classes)
+        state = jax.device_put(_train_state(config, tx, variables), replicated)
+    else:
+        log.print(f"resumed from step {int(state.step)} in {workdir}")
+    log.truncate_after(int(state.step))
+
+    train_step = make_train_step(model, tx, config, mesh)
+    eval_step = make_eval_step(model)
+    eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+    sigterm = _Sigterm()
+    last: dict[str, Any] = {}
+    pending: list[tuple[int, jax.Array]] = []
+    last_good = int(state.step)
+
+    def check_losses() -> None:
+        nonlocal last_good
+        for step, loss in pending:
+            if not math.isfinite(float(loss)):
+                raise TrainingError(
+                    f"the loss became {float(loss)} at step {step}; the last good checkpoint (step {last_good}) "
+                    f"is kept in {workdir}. Lower learning_rate or set grad_clip_norm, then rerun"
+                )
+        if pending:
+            last_good = pending[-1][0]
+        pending.clear()
+
+    try:
+        step = int(state.step)
+        tic, tic_step = time.time(), step
+        while step < total_steps:
+            epoch, start = divmod(step, steps_per_epoch)
+            ds = input_pipeline.train_dataset(
+                builder, info, config, epoch, start, jax.process_index(), jax.process_count()
+            )
+            for batch in _global_batches(input_pipeline.as_numpy(ds), split):
+                state, metrics = train_step(state, batch)
+                step += 1
+                pending.append((step, metrics["loss"]))
+                if step % config.log_every_steps == 0 or step == total_steps:
+                    check_losses()
+                    rate = (step - tic_step) * config.batch_size / (time.time() - tic)
+                    loss, lr = float(metrics["loss"]), float(schedule(step))
+                    eta = _format_eta((total_steps - step) * config.batch_size / max(rate, 1e-9))
+                    log.print(
+                        f"step {step}/{total_steps} [{100 * step / total_steps:3.0f}%] epoch "
+                        f"{step / steps_per_epoch:.2f} loss {loss:.4f} lr {lr:.4g} {rate:.0f} img/s ETA {eta}"
+                    )
+                    log.scalars(step, {"loss": loss, "learning_rate": lr}, "train")
+                    tic, tic_step = time.time(), step
+                if step % eval_every == 0 or step == total_steps:
+                    check_losses()
+                    last = _evaluate_state(eval_step, state, builder, info, config, split, step, steps_per_epoch)
+                    log.evaluation(last)
+                    log.print(f"eval step {step} epoch {last['epoch']:.2f}: {_summary(last)}")
+                    checkpoints.save(state, meta, {"top1": last["top1"]})
+                elif step % config.checkpoint_every_steps == 0:
+                    check_losses()
+                    checkpoints.save(state, meta)
+                if sigterm.received:
+                    check_losses()
+                    checkpoints.save(state, meta)
+                    checkpoints.wait()
+                    log.print(f"SIGTERM: saved step {step} to {workdir}; the same command resumes from there")
+                    return {"preempted": True, "step": step}
+                if step >= total_steps:
+                    break
+        checkpoints.save(state, meta)
+        checkpoints.wait()
+    finally:
+        sigterm.restore()
+        checkpoints.close()
+    if not last:
+        last = _evaluate_state(eval_step, state, builder, info, config, split, step, steps_per_epoch)
+    log.print(f"final (step {last['step']}): {_summary(last)}")
+    return last
+
+
+def _evaluate_state(
+    eval_step: Callable, state: TrainState, builder: Any, info: input_pipeline.DatasetInfo,
+    config: ml_collections.ConfigDict, sharding: NamedSharding, step: int, steps_per_epoch: int,
+) -> dict[str, Any]:  # fmt: skip
+    record: dict[str, Any] = {"step": step, "epoch": round(step / steps_per_epoch, 4)}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    record.update(evaluate_variables(eval_step, variables, builder, info, config, sharding))
+    if config.ema_decay > 0:
+        ema = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+        metrics = evaluate_variables(eval_step, ema, builder, info, config, sharding)
+        record.update({f"ema_{k}": v for k, v in metrics.items()})
+    return record
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Validates config.eval_weights (a weights file or Orbax directory), else the workdir's latest checkpoint."""
+    devices = select_devices(config.backend)
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    _check_batch_sizes(config, len(devices))
+    builder = input_pipeline.get_builder(config)
+    info = input_pipeline.dataset_info(builder, config)
+    model = build_model(config, info.num_classes, compute_dtype(config, devices))
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+    eval_step = make_eval_step(model)
+    if config.eval_weights:
+        variables = convert.load_variables(config.eval_weights, config.model, num_classes=info.num_classes)
+        source, step = config.eval_weights, 0
+    else:
+        tx = create_optimizer(config, learning_rate_schedule(config, 1, 1))
+        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+        try:
+            restored = checkpoints.restore(
+                _abstract_state(config, model, tx, replicated), _checkpoint_meta(config, info)
+            )
+        finally:
+            checkpoints.close()
+        if restored is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first, or name weights with "
+                "--config.eval_weights=PATH"
+            )
+        variables = {"params": restored.params, "batch_stats": restored.batch_stats}
+        source, step = workdir, int(restored.step)
+    variables = jax.device_put(variables, replicated)
+    metrics = evaluate_variables(eval_step, variables, builder, info, config, split)
+    if jax.process_index() == 0:
+        print(f"eval of {source} on {config.dataset} {info.eval_split} ({info.num_eval} images): {_summary(metrics)}")
+    return {"step": step, **metrics}

@@ -1,0 +1,122 @@
+"""TFDS pipelines on data made here: deterministic, resumable, per-host slices, whole-split eval."""
+
+from __future__ import annotations
+
+import collections
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from configs import quickstart
+from res2net_jax import input_pipeline
+
+
+def _config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+    config = quickstart.get_config()
+    config.data_dir = data_dir
+    config.batch_size = 16
+    config.eval_batch_size = 48
+    config.update(overrides)
+    return config
+
+
+def _batches(ds: tf.data.Dataset) -> list[dict[str, np.ndarray]]:
+    return list(input_pipeline.as_numpy(ds))
+
+
+def test_digits_dataset_is_built_offline(digits_dir: str) -> None:
+    builder = input_pipeline.get_builder(_config(digits_dir))
+    info = input_pipeline.dataset_info(builder, _config(digits_dir))
+    assert (info.num_classes, info.num_train, info.num_eval, info.eval_split) == (10, 1442, 355, "test")
+
+
+def test_train_batches_are_reproducible_resumable_and_split_over_hosts(digits_dir: str) -> None:
+    config = _config(digits_dir, crop_scale=(0.3, 1.0), hflip=True, color_jitter=0.4, random_erasing=0.5)
+    builder = input_pipeline.get_builder(config)
+    info = input_pipeline.dataset_info(builder, config)
+    epoch = _batches(input_pipeline.train_dataset(builder, info, config, 3, 0, 0, 1))
+    assert len(epoch) == 1442 // 16
+    assert epoch[0]["image"].shape == (16, 32, 32, 3) and epoch[0]["image"].dtype == np.float32
+    again = _batches(input_pipeline.train_dataset(builder, info, config, 3, 0, 0, 1))
+    for a, b in zip(epoch, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    resumed = _batches(input_pipeline.train_dataset(builder, info, config, 3, 85, 0, 1))
+    for a, b in zip(epoch[85:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # Two hosts each decode their half of every global batch; together they make the same batch.
+    halves = [_batches(input_pipeline.train_dataset(builder, info, config, 3, 0, i, 2))[:3] for i in range(2)]
+    for whole, first, second in zip(epoch[:3], *halves, strict=False):
+        np.testing.assert_array_equal(whole["image"], np.concatenate([first["image"], second["image"]]))
+    other_epoch = _batches(input_pipeline.train_dataset(builder, info, config, 4, 0, 0, 1))
+    assert not np.array_equal(other_epoch[0]["label"], epoch[0]["label"])
+    # Each epoch visits every class in proportion (a full shuffle, not a slice).
+    counts = collections.Counter(np.concatenate([b["label"] for b in epoch]).tolist())
+    assert set(counts) == set(range(10)) and min(counts.values()) > 100
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_covers_the_whole_split_once(digits_dir: str, process_count: int) -> None:
+    config = _config(digits_dir)
+    builder = input_pipeline.get_builder(config)
+    info = input_pipeline.dataset_info(builder, config)
+    steps = input_pipeline.eval_steps(info, config, process_count)
+    labels = []
+    for index in range(process_count):
+        batches = _batches(input_pipeline.eval_dataset(builder, info, config, index, process_count))
+        assert len(batches) == steps  # every host runs the same number of steps
+        for batch in batches:
+            labels.extend(batch["label"][batch["mask"] > 0].tolist())
+    expected = [int(x["label"]) for x in tfds.as_numpy(builder.as_dataset(split="test"))]
+    assert sorted(labels) == sorted(expected) and len(labels) == 355
+
+
+def test_eval_transform_matches_torchvision(tmp_path) -> None:
+    image = (np.random.RandomState(0).rand(300, 451, 3) * 255).astype(np.uint8)
+    encoded = tf.io.encode_png(image)
+    config = ml_collections.ConfigDict({"image_size": 224, "crop_pct": 0.875})
+    ours = input_pipeline.preprocess_eval(encoded, config).numpy()
+    x = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(256, 384), mode="bilinear",
+                      antialias=True, align_corners=False)[0]  # fmt: skip
+    x = x[:, 16:240, 80:304] / 255  # CenterCrop(224) of 256x384: top round(16), left round(80)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    expected = ((x - mean) / std).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-3)
+
+
+def test_image_folder_dataset(tmp_path) -> None:
+    rng = np.random.RandomState(0)
+    for split, count in [("train", 6), ("validation", 3)]:
+        for label in ["cat", "dog"]:
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray((rng.rand(40, 50, 3) * 255).astype(np.uint8)).save(
+                    tmp_path / split / label / f"{i}.png"
+                )
+    config = _config("", dataset=f"folder:{tmp_path}", batch_size=4, eval_batch_size=4)
+    builder = input_pipeline.get_builder(config)
+    info = input_pipeline.dataset_info(builder, config)
+    assert (info.num_classes, info.num_train, info.num_eval) == (2, 12, 6)
+    assert len(_batches(input_pipeline.train_dataset(builder, info, config, 0, 0, 0, 1))) == 3
+    eval_batches = _batches(input_pipeline.eval_dataset(builder, info, config, 0, 1))
+    assert sum(float(b["mask"].sum()) for b in eval_batches) == 6
+
+
+def test_dataset_errors_say_what_to_do(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown dataset 'cifar1O'.*Did you mean.*cifar10"):
+        input_pipeline.get_builder(_config(str(tmp_path), dataset="cifar1O"))
+    with pytest.raises(FileNotFoundError, match=r"ILSVRC2012_img_train.tar.*downloads/manual"):
+        input_pipeline.get_builder(_config(str(tmp_path), dataset="imagenet2012"))
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(ValueError, match="one directory per split"):
+        input_pipeline.get_builder(_config("", dataset=f"folder:{tmp_path / 'flat'}"))
+    with pytest.raises(ValueError, match="has no split 'valid'"):
+        config = _config(str(tmp_path.parent / "digits"), eval_split="valid")
+        input_pipeline.dataset_info(input_pipeline.get_builder(config), config)
