@@ -59,9 +59,21 @@ def torch_layout(shapes: Variables) -> dict[str, tuple[tuple[str, ...], tuple[in
     return layout
 
 
+Overrides = Mapping[str, Any] | None
+
+
+def _frozen(overrides: Overrides) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (overrides or {}).items()))
+
+
+def _expected(model_name: str, num_classes: int, overrides: Overrides = None) -> dict[str, tuple]:
+    return _expected_cached(get_spec(model_name).name, num_classes, _frozen(overrides))
+
+
 @functools.lru_cache(maxsize=64)
-def _expected(model_name: str, num_classes: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    model = create_model(model_name, num_classes=num_classes)
+def _expected_cached(model_name: str, num_classes: int, overrides: tuple) -> dict[str, tuple]:
+    """PyTorch key -> (Flax path, PyTorch shape) for every variable of the model."""
+    model = create_model(model_name, num_classes=num_classes, **dict(overrides))
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
     return torch_layout(shapes)
 
@@ -130,9 +142,11 @@ def from_torch(
     num_classes: int | None = None,
     reset_head: bool = False,
     rng: jax.Array | None = None,
+    overrides: Overrides = None,
 ) -> Variables:
     """Flax variables {'params', 'batch_stats'} (float32) from a timm / official PyTorch state dict.
 
+    `overrides` are the architecture overrides the model was created with (see `create_model`).
     `num_classes` defaults to the checkpoint's head. A checkpoint whose head has another class count
     is an error unless `reset_head` is set: then its head is dropped and a freshly initialised one
     (from `rng`) takes its place, as for fine-tuning ImageNet weights on a new dataset.
@@ -140,7 +154,7 @@ def from_torch(
     state_dict = {k: _to_numpy(v) for k, v in state_dict.items()}
     file_classes = _head_classes(state_dict)
     num_classes = num_classes or file_classes or 1000
-    expected = _expected(get_spec(model_name).name, num_classes)
+    expected = _expected(model_name, num_classes, overrides)
     new_head = file_classes is not None and file_classes != num_classes
     if new_head and not reset_head:
         raise CheckpointMismatchError(
@@ -164,14 +178,14 @@ def from_torch(
         flat[path] = value
     variables = traverse_util.unflatten_dict(flat)
     if new_head:
-        variables["params"]["fc"] = _init_head(model_name, num_classes, rng)
+        variables["params"]["fc"] = _init_head(model_name, num_classes, rng, overrides)
     return jax.tree.map(jnp.asarray, variables)
 
 
-def _init_head(model_name: str, num_classes: int, rng: jax.Array | None) -> dict[str, jax.Array]:
+def _init_head(model_name: str, num_classes: int, rng: jax.Array | None, overrides: Overrides) -> dict[str, jax.Array]:
     """A new classifier, initialised exactly as the model initialises its own."""
-    model = create_model(model_name, num_classes=num_classes)
-    in_features = _expected(get_spec(model_name).name, num_classes)[HEAD_KEYS[0]][1][1]
+    model = create_model(model_name, num_classes=num_classes, **dict(overrides or {}))
+    in_features = _expected(model_name, num_classes, overrides)[HEAD_KEYS[0]][1][1]
     rng = jax.random.key(0) if rng is None else rng
     feature_map = jnp.zeros((1, 1, 1, in_features), jnp.float32)
     return model.init(rng, feature_map, method=model.head)["params"]["fc"]
@@ -182,23 +196,23 @@ def num_classes_of(variables: Variables) -> int:
     return int(variables["params"]["fc"]["kernel"].shape[-1])
 
 
-def check_variables(variables: Variables, model_name: str) -> None:
+def check_variables(variables: Variables, model_name: str, overrides: Overrides = None) -> None:
     """Raises CheckpointMismatchError unless `variables` has exactly the variables of `model_name`."""
     for collection in ("params", "batch_stats"):
         if collection not in variables:
             raise CheckpointMismatchError(f"variables have no {collection!r} collection")
-    expected = _expected(get_spec(model_name).name, num_classes_of(variables))
+    expected = _expected(model_name, num_classes_of(variables), overrides)
     found = {key: jax.ShapeDtypeStruct(shape, jnp.float32) for key, (_, shape) in torch_layout(variables).items()}
     _check(found, expected, model_name)
 
 
-def to_torch(variables: Variables, model_name: str) -> dict[str, np.ndarray]:
+def to_torch(variables: Variables, model_name: str, overrides: Overrides = None) -> dict[str, np.ndarray]:
     """A timm-named PyTorch state dict (numpy arrays) from Flax variables.
 
     BN `num_batches_tracked` counters are written as 0: Flax does not track them, and PyTorch uses
     them only when BN momentum is None, which these models never set.
     """
-    check_variables(variables, model_name)
+    check_variables(variables, model_name, overrides)
     flat = traverse_util.flatten_dict(variables)
     state_dict = {}
     for key, (path, _) in torch_layout(variables).items():
@@ -295,12 +309,32 @@ def save_variables(variables: Variables, directory: str | os.PathLike) -> None:
 
 
 def _restore_orbax(directory: str) -> Variables:
+    """Variables from an Orbax directory: one written by `save_variables`, or a training workdir
+    (its latest checkpoint's weights and BN statistics)."""
     import orbax.checkpoint as ocp
 
+    directory = os.path.abspath(directory)
+    on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     try:
-        restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory))
+        if os.path.isdir(os.path.join(directory, "checkpoints")):
+            manager = ocp.CheckpointManager(
+                os.path.join(directory, "checkpoints"),
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            )
+            step = manager.latest_step()
+            if step is None:
+                raise ValueError("the workdir has no finished checkpoint yet")
+            shapes = manager.item_metadata(step)["state"]
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_host), shapes)
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            manager.close()
+            return {"params": state["params"], "batch_stats": state["batch_stats"]}
+        checkpointer = ocp.StandardCheckpointer()
+        shapes = checkpointer.metadata(directory).item_metadata
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_host), shapes)
+        restored = checkpointer.restore(directory, target)
     except Exception as err:  # orbax raises several types for a directory it cannot read
-        raise ValueError(f"cannot read {directory} as an Orbax checkpoint of Flax variables: {err}") from err
+        raise ValueError(f"cannot read {directory} as Flax variables or a training workdir: {err}") from err
     return {k: dict(v) for k, v in restored.items()}
 
 
@@ -310,16 +344,17 @@ def load_variables(
     num_classes: int | None = None,
     reset_head: bool = False,
     rng: jax.Array | None = None,
+    overrides: Overrides = None,
 ) -> Variables:
-    """Flax variables for `model_name` from an Orbax directory or any file `load_state_dict` reads.
+    """Flax variables for `model_name` from an Orbax directory (variables, or a training workdir's latest
+    checkpoint) or from any file `load_state_dict` reads.
 
     Checked strictly either way; `num_classes` and `reset_head` behave as in `from_torch`.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         variables = _restore_orbax(path)
-        check_variables(variables, model_name)
-        state_dict = to_torch(variables, model_name)
+        state_dict = to_torch(variables, model_name, overrides)
     else:
         state_dict = load_state_dict(path)
-    return from_torch(state_dict, model_name, num_classes=num_classes, reset_head=reset_head, rng=rng)
+    return from_torch(state_dict, model_name, num_classes, reset_head, rng, overrides)

@@ -197,12 +197,12 @@ def make_train_step(
             logits, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
             )
-            loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+            # The mean over the global batch. Params are replicated (invariant over AXIS), so autodiff
+            # sums their gradient over devices: the gradient of this mean is already the global one.
+            loss = jax.lax.pmean(jnp.mean(optax.softmax_cross_entropy(logits, targets)), AXIS)
             return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grads = jax.lax.pmean(grads, AXIS)
-        loss = jax.lax.pmean(loss, AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if ema_decay > 0:
@@ -218,7 +218,7 @@ def make_train_step(
             ema_params=ema_params,
             ema_batch_stats=ema_batch_stats,
         )
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()))
 
@@ -239,7 +239,7 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, dict], dict]:
     def eval_step(variables: Any, batch: dict) -> dict:
         logits = model.apply(variables, batch["image"].astype(model.dtype), train=False)
         labels, mask = batch["label"], batch["mask"]
-        top5 = jax.lax.top_k(logits, 5)[1]
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # top-5 is top-all with fewer classes
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return {
             "top1": jnp.sum((top5[:, 0] == labels) * mask),
@@ -257,10 +257,14 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, dict], dict]:
 def _global_batches(
     batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, prefetch: int = 2
 ) -> Iterator[dict[str, jax.Array]]:
-    """Host batches as global arrays split over all devices, `prefetch` batches ahead."""
+    """Host batches as global arrays split over all devices, `prefetch` batches ahead.
+
+    Each batch is copied first: on the CPU a JAX array may alias host memory, and tf.data reuses
+    the buffers behind the arrays it has already handed out.
+    """
     queue: list[dict[str, jax.Array]] = []
     for batch in batches:
-        queue.append({k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()})
+        queue.append({k: jax.make_array_from_process_local_data(sharding, np.array(v)) for k, v in batch.items()})
         if len(queue) > prefetch:
             yield queue.pop(0)
     yield from queue
@@ -374,7 +378,7 @@ def _initial_variables(config: ml_collections.ConfigDict, model: nn.Module, num_
     init_rng, head_rng = jax.random.split(jax.random.key(config.seed))
     if config.init_weights:
         return convert.load_variables(
-            config.init_weights, config.model, num_classes=num_classes, reset_head=config.reset_head, rng=head_rng
+            config.init_weights, config.model, num_classes, config.reset_head, head_rng, config.model_overrides
         )
     image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     return jax.jit(model.init)(init_rng, image)
@@ -459,6 +463,8 @@ def _format_eta(seconds: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from the workdir's latest checkpoint) and evaluates; returns the last metrics."""
+    if config.reset_head and not config.init_weights:
+        raise ValueError("config.reset_head is set but no weights to fine-tune: pass --config.init_weights=PATH")
     devices = select_devices(config.backend)
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
     _check_batch_sizes(config, len(devices))
@@ -525,7 +531,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f"step {step}/{total_steps} [{100 * step / total_steps:3.0f}%] epoch "
                         f"{step / steps_per_epoch:.2f} loss {loss:.4f} lr {lr:.4g} {rate:.0f} img/s ETA {eta}"
                     )
-                    log.scalars(step, {"loss": loss, "learning_rate": lr}, "train")
+                    log.scalars(
+                        step, {"loss": loss, "learning_rate": lr, "grad_norm": float(metrics["grad_norm"])}, "train"
+                    )
                     tic, tic_step = time.time(), step
                 if step % eval_every == 0 or step == total_steps:
                     check_losses()
@@ -580,7 +588,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
     eval_step = make_eval_step(model)
     if config.eval_weights:
-        variables = convert.load_variables(config.eval_weights, config.model, num_classes=info.num_classes)
+        variables = convert.load_variables(
+            config.eval_weights, config.model, info.num_classes, overrides=config.model_overrides
+        )
         source, step = config.eval_weights, 0
     else:
         tx = create_optimizer(config, learning_rate_schedule(config, 1, 1))

@@ -1,0 +1,127 @@
+"""Optimisers, schedules and batch mixing against PyTorch and hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from configs import default
+from res2net_jax import train
+
+
+def _config(**fields):
+    config = default.get_config()
+    config.update(fields)
+    return config
+
+
+def test_cosine_schedule_with_warmup_by_hand() -> None:
+    config = _config(learning_rate=0.1, warmup_epochs=2.0, lr_schedule="cosine", min_lr=0.001)
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=10, total_steps=120)
+    assert float(schedule(0)) == 0.0
+    assert math.isclose(float(schedule(10)), 0.05, rel_tol=1e-6)
+    assert math.isclose(float(schedule(20)), 0.1, rel_tol=1e-6)
+    progress = (70 - 20) / 100
+    expected = 0.001 + (0.1 - 0.001) * 0.5 * (1 + math.cos(math.pi * progress))
+    assert math.isclose(float(schedule(70)), expected, rel_tol=1e-5)
+    assert math.isclose(float(schedule(120)), 0.001, rel_tol=1e-5)
+
+
+def test_step_and_constant_schedules_by_hand() -> None:
+    config = _config(learning_rate=0.1, warmup_epochs=0.0, lr_schedule="step", lr_decay_epochs=30.0)
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=10, total_steps=1400)
+    assert [round(float(schedule(s)), 8) for s in (0, 299, 300, 599, 600, 900)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.0001]
+    config = _config(learning_rate=0.3, warmup_epochs=0.0, lr_schedule="constant")
+    assert float(train.learning_rate_schedule(config, 10, 100)(77)) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        train.learning_rate_schedule(_config(lr_schedule="linear"), 10, 100)
+
+
+def _params(seed: int) -> dict:
+    rng = np.random.RandomState(seed)
+    return {
+        "conv": {"kernel": rng.randn(3, 3, 4, 8).astype(np.float32)},
+        "bn": {"scale": rng.randn(8).astype(np.float32)},
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "torch_optimizer"),
+    [
+        ("momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01)),
+        ("nesterov", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)),
+        ("sgd", lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01)),
+        ("adamw", lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.01, eps=1e-8)),
+    ],
+)
+def test_optimizers_match_torch(name: str, torch_optimizer) -> None:
+    """Three updates with decay on every weight (decay_bn_and_bias) equal PyTorch's."""
+    config = _config(optimizer=name, learning_rate=0.1, momentum=0.9, weight_decay=0.01, decay_bn_and_bias=True)
+    tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+    params = jax.tree.map(jnp.asarray, _params(0))
+    state = tx.init(params)
+    reference = {k: torch.nn.Parameter(torch.from_numpy(np.array(v[next(iter(v))]))) for k, v in _params(0).items()}
+    optimizer = torch_optimizer(list(reference.values()))
+    for step in range(3):
+        grads = jax.tree.map(jnp.asarray, _params(step + 1))
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        for key, value in _params(step + 1).items():
+            reference[key].grad = torch.from_numpy(np.array(value[next(iter(value))]))
+        optimizer.step()
+    for key, value in params.items():
+        np.testing.assert_allclose(next(iter(value.values())), reference[key].detach().numpy(), rtol=2e-5, atol=1e-6)
+
+
+def test_weight_decay_skips_bn_and_bias_by_default() -> None:
+    mask = train.weight_decay_mask(jax.tree.map(jnp.asarray, _params(0)), decay_bn_and_bias=False)
+    assert mask == {"conv": {"kernel": True}, "bn": {"scale": False}}
+    config = _config(optimizer="momentum", weight_decay=0.5, learning_rate=1.0, momentum=0.0)
+    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    params = jax.tree.map(jnp.asarray, _params(0))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["conv"]["kernel"], -0.5 * params["conv"]["kernel"], rtol=1e-6)
+    np.testing.assert_array_equal(updates["bn"]["scale"], 0.0)
+
+
+def test_gradient_accumulation_and_clipping() -> None:
+    config = _config(optimizer="sgd", weight_decay=0.0, grad_accum_steps=2, grad_clip_norm=0.0)
+    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    params = jax.tree.map(jnp.asarray, _params(0))
+    state = tx.init(params)
+    g1, g2 = jax.tree.map(jnp.asarray, _params(1)), jax.tree.map(jnp.asarray, _params(2))
+    first, state = tx.update(g1, state, params)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(first))  # nothing applied yet
+    second, _ = tx.update(g2, state, params)
+    expected = jax.tree.map(lambda a, b: -(a + b) / 2, g1, g2)
+    for ours, theirs in zip(jax.tree.leaves(second), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+    clipped = train.create_optimizer(_config(optimizer="sgd", weight_decay=0.0, grad_clip_norm=1.0),
+                                     optax.constant_schedule(1.0))  # fmt: skip
+    updates, _ = clipped.update(g1, clipped.init(params), params)
+    assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.2, 0.0), (0.0, 1.0)])
+def test_mixup_and_cutmix_keep_labels_consistent(mixup: float, cutmix: float) -> None:
+    config = _config(mixup_alpha=mixup, cutmix_alpha=cutmix)
+    images = jnp.asarray(np.random.RandomState(0).randn(6, 16, 16, 3).astype(np.float32))
+    targets = jax.nn.one_hot(jnp.arange(6), 6)
+    mixed, mixed_targets = train.mix_batch(jax.random.key(3), images, targets, config)
+    np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)
+    lam = float(mixed_targets[0, 0])  # example 0 is paired with example 5
+    assert mixed_targets[0, 5] == pytest.approx(1 - lam, abs=1e-6)
+    if mixup:
+        np.testing.assert_allclose(mixed[0], lam * images[0] + (1 - lam) * images[5], rtol=1e-5, atol=1e-6)
+    else:  # the fraction of pixels taken from the partner is exactly 1 - lam
+        from_partner = np.all(np.isclose(mixed[0], images[5]), axis=-1) & ~np.all(
+            np.isclose(mixed[0], images[0]), axis=-1
+        )
+        assert from_partner.mean() == pytest.approx(1 - lam, abs=1e-6)
