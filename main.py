@@ -37,10 +37,9 @@ def main(argv: list[str]) -> None:
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
     os.makedirs(workdir, exist_ok=True)
     if _MODE.value == "train":
-        result = train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir)
     else:
-        result = train.evaluate(config, workdir)
-    del result
+        train.evaluate(config, workdir)
 
 
 if __name__ == "__main__":

@@ -175,11 +175,7 @@ def mix_batch(
 
 
 def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-    return (
-        optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-        if smoothing
-        else jax.nn.one_hot(labels, num_classes)
-    )
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
 
 # --- Steps ------------------------------------------------------------------------------------
@@ -289,6 +285,16 @@ def evaluate_variables(
         "top5": 100.0 * float(totals["top5"]) / count,
         "loss": float(totals["loss"]) / count,
     }
+
+
+def _prepare(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, Any, input_pipeline.DatasetInfo, nn.Module]:
+    """The device mesh, dataset and model a config asks for, each checked."""
+    devices = select_devices(config.backend)
+    _check_batch_sizes(config, len(devices))
+    builder = input_pipeline.get_builder(config)
+    info = input_pipeline.dataset_info(builder, config)
+    model = build_model(config, info.num_classes, compute_dtype(config, devices))
+    return jax.sharding.Mesh(np.array(devices), (AXIS,)), builder, info, model
 
 
 def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -465,16 +471,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from the workdir's latest checkpoint) and evaluates; returns the last metrics."""
     if config.reset_head and not config.init_weights:
         raise ValueError("config.reset_head is set but no weights to fine-tune: pass --config.init_weights=PATH")
-    devices = select_devices(config.backend)
-    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    _check_batch_sizes(config, len(devices))
-    builder = input_pipeline.get_builder(config)
-    info = input_pipeline.dataset_info(builder, config)
+    mesh, builder, info, model = _prepare(config)
     steps_per_epoch = info.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {info.num_train} training examples")
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
-    model = build_model(config, info.num_classes, compute_dtype(config, devices))
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = create_optimizer(config, schedule)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
@@ -577,39 +578,15 @@ def _evaluate_state(
     return record
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Validates config.eval_weights (a weights file or Orbax directory), else the workdir's latest checkpoint."""
-    devices = select_devices(config.backend)
-    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    _check_batch_sizes(config, len(devices))
-    builder = input_pipeline.get_builder(config)
-    info = input_pipeline.dataset_info(builder, config)
-    model = build_model(config, info.num_classes, compute_dtype(config, devices))
-    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-    eval_step = make_eval_step(model)
-    if config.eval_weights:
-        variables = convert.load_variables(
-            config.eval_weights, config.model, info.num_classes, overrides=config.model_overrides
-        )
-        source, step = config.eval_weights, 0
-    else:
-        tx = create_optimizer(config, learning_rate_schedule(config, 1, 1))
-        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-        try:
-            restored = checkpoints.restore(
-                _abstract_state(config, model, tx, replicated), _checkpoint_meta(config, info)
-            )
-        finally:
-            checkpoints.close()
-        if restored is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first, or name weights with "
-                "--config.eval_weights=PATH"
-            )
-        variables = {"params": restored.params, "batch_stats": restored.batch_stats}
-        source, step = workdir, int(restored.step)
-    variables = jax.device_put(variables, replicated)
-    metrics = evaluate_variables(eval_step, variables, builder, info, config, split)
+    source = config.eval_weights or workdir
+    if not config.eval_weights and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoint in {workdir}: train first, or name weights with --config.eval_weights")
+    mesh, builder, info, model = _prepare(config)
+    variables = convert.load_variables(source, config.model, info.num_classes, overrides=config.model_overrides)
+    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    metrics = evaluate_variables(make_eval_step(model), variables, builder, info, config, NamedSharding(mesh, P(AXIS)))
     if jax.process_index() == 0:
         print(f"eval of {source} on {config.dataset} {info.eval_split} ({info.num_eval} images): {_summary(metrics)}")
-    return {"step": step, **metrics}
+    return metrics
