@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = ""  # TFDS data directory; '' is TFDS's default (~/tensorflow_datasets)
     config.train_split = "train"
     config.eval_split = ""  # '' picks 'validation', else 'test'
-    config.image_size = 224
+    config.image_size = 224  # 0: the dataset's own size if its images are small (32 px for CIFAR), else 224
     config.crop_pct = 0.875  # eval: resize the shorter side to image_size / crop_pct, center-crop
     config.crop_scale = (0.08, 1.0)  # random-resized-crop area fraction
     config.crop_ratio = (3 / 4, 4 / 3)  # random-resized-crop aspect ratio

@@ -108,6 +108,15 @@ def dataset_info(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
     )
 
 
+def default_image_size(builder: tfds.core.DatasetBuilder) -> int:
+    """The training size for config.image_size = 0: small fixed-size images (CIFAR's 32 px, the digits'
+    8 px) train at their own size, at least the 32 px the networks need; anything else at 224."""
+    height, width = builder.info.features["image"].shape[:2]
+    if height and width and max(height, width) <= 64:
+        return max(32, height, width)
+    return 224
+
+
 # --- Per-example preprocessing ----------------------------------------------------------------
 
 

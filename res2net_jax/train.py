@@ -287,14 +287,20 @@ def evaluate_variables(
     }
 
 
-def _prepare(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, Any, input_pipeline.DatasetInfo, nn.Module]:
-    """The device mesh, dataset and model a config asks for, each checked."""
+def _prepare(
+    config: ml_collections.ConfigDict,
+) -> tuple[ml_collections.ConfigDict, jax.sharding.Mesh, Any, input_pipeline.DatasetInfo, nn.Module]:
+    """The device mesh, dataset and model a config asks for, each checked, and the config with
+    image_size 0 ('auto') resolved for the dataset."""
     devices = select_devices(config.backend)
     _check_batch_sizes(config, len(devices))
     builder = input_pipeline.get_builder(config)
     info = input_pipeline.dataset_info(builder, config)
+    if config.image_size == 0:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.image_size = input_pipeline.default_image_size(builder)
     model = build_model(config, info.num_classes, compute_dtype(config, devices))
-    return jax.sharding.Mesh(np.array(devices), (AXIS,)), builder, info, model
+    return config, jax.sharding.Mesh(np.array(devices), (AXIS,)), builder, info, model
 
 
 def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -471,7 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from the workdir's latest checkpoint) and evaluates; returns the last metrics."""
     if config.reset_head and not config.init_weights:
         raise ValueError("config.reset_head is set but no weights to fine-tune: pass --config.init_weights=PATH")
-    mesh, builder, info, model = _prepare(config)
+    config, mesh, builder, info, model = _prepare(config)
     steps_per_epoch = info.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {info.num_train} training examples")
@@ -583,7 +589,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     source = config.eval_weights or workdir
     if not config.eval_weights and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"no checkpoint in {workdir}: train first, or name weights with --config.eval_weights")
-    mesh, builder, info, model = _prepare(config)
+    config, mesh, builder, info, model = _prepare(config)
     variables = convert.load_variables(source, config.model, info.num_classes, overrides=config.model_overrides)
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
     metrics = evaluate_variables(make_eval_step(model), variables, builder, info, config, NamedSharding(mesh, P(AXIS)))

@@ -34,6 +34,14 @@ def test_digits_dataset_is_built_offline(digits_dir: str) -> None:
     builder = input_pipeline.get_builder(_config(digits_dir))
     info = input_pipeline.dataset_info(builder, _config(digits_dir))
     assert (info.num_classes, info.num_train, info.num_eval, info.eval_split) == (10, 1442, 355, "test")
+    assert input_pipeline.default_image_size(builder) == 32  # 8x8 images train at the networks' minimum
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("cifar10", 32), ("cifar100", 32), ("imagenette", 224), ("imagenet2012", 224)]
+)
+def test_image_size_auto_follows_the_dataset(tmp_path, name: str, size: int) -> None:
+    assert input_pipeline.default_image_size(tfds.builder(name, data_dir=str(tmp_path))) == size
 
 
 def test_train_batches_are_reproducible_resumable_and_split_over_hosts(digits_dir: str) -> None:
@@ -103,6 +111,7 @@ def test_image_folder_dataset(tmp_path) -> None:
     builder = input_pipeline.get_builder(config)
     info = input_pipeline.dataset_info(builder, config)
     assert (info.num_classes, info.num_train, info.num_eval) == (2, 12, 6)
+    assert input_pipeline.default_image_size(builder) == 224  # images of any size: the ImageNet size
     assert len(_batches(input_pipeline.train_dataset(builder, info, config, 0, 0, 0, 1))) == 3
     eval_batches = _batches(input_pipeline.eval_dataset(builder, info, config, 0, 1))
     assert sum(float(b["mask"].sum()) for b in eval_batches) == 6
