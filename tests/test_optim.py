@@ -125,3 +125,18 @@ def test_mixup_and_cutmix_keep_labels_consistent(mixup: float, cutmix: float) ->
             np.isclose(mixed[0], images[0]), axis=-1
         )
         assert from_partner.mean() == pytest.approx(1 - lam, abs=1e-6)
+
+
+def test_lamb_first_step_by_hand() -> None:
+    """LAMB's first step: bias-corrected Adam direction g / (|g| + eps) plus decay, scaled per layer by
+    the trust ratio ||w|| / ||direction||."""
+    config = _config(optimizer="lamb", weight_decay=0.01, decay_bn_and_bias=True)
+    tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+    params = jax.tree.map(jnp.asarray, _params(0))
+    grads = jax.tree.map(jnp.asarray, _params(1))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for key in params:
+        w, g = np.asarray(next(iter(params[key].values()))), np.asarray(next(iter(grads[key].values())))
+        direction = g / (np.abs(g) + 1e-6) + 0.01 * w
+        expected = -0.1 * np.linalg.norm(w) / np.linalg.norm(direction) * direction
+        np.testing.assert_allclose(next(iter(updates[key].values())), expected, rtol=1e-5)
