@@ -94,7 +94,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     warmup = int(config.warmup_epochs * steps_per_epoch)
     peak = config.learning_rate
     if config.lr_schedule == "cosine":
-        main = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=config.min_lr / peak)
+        main = optax.cosine_decay_schedule(
+            peak, max(total_steps - warmup, 1), alpha=config.min_lr / peak if peak else 0
+        )
     elif config.lr_schedule == "step":
         boundaries = int(config.lr_decay_epochs * steps_per_epoch)
         main = optax.exponential_decay(peak, boundaries, config.lr_decay_rate, staircase=True)

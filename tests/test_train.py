@@ -231,3 +231,24 @@ def test_two_processes_on_loopback_form_one_run(short_run: str, noise_folder: st
         assert process.returncode == 0, output[-3000:]
     assert "final (step 3)" in outputs[0] and "final" not in outputs[1]  # process 0 reports
     _assert_same_training(workdir, short_run)
+
+
+def test_fine_tuning_starts_from_given_weights_with_a_new_head(reference_run: str, noise_folder: str, tmp_path) -> None:
+    """init_weights + reset_head: a 10-class checkpoint fine-tuned on the 4-class folder."""
+    overrides = {"layers": (1, 1, 1, 1), "base_width": 4}
+    ten_classes = convert.load_variables(reference_run, "res2net50", overrides=overrides)
+    ten_classes["params"]["fc"] = {"kernel": np.ones((2048, 10), np.float32), "bias": np.zeros(10, np.float32)}
+    weights = str(tmp_path / "pretrained.safetensors")
+    convert.save_state_dict(convert.to_torch(ten_classes, "res2net50", overrides), weights)
+    workdir = str(tmp_path / "run")
+    done = _run(workdir, noise_folder, f"--config.init_weights={weights}", "--config.num_train_steps=1", devices=1)
+    assert done.returncode != 0 and "reset_head=True" in done.stderr  # 10 vs 4 classes is refused...
+    done = _run(workdir, noise_folder, f"--config.init_weights={weights}", "--config.reset_head=True",
+                "--config.num_train_steps=1", "--config.learning_rate=0", "--config.weight_decay=0",
+                "--config.ema_decay=0", devices=1)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]  # ...unless the head is replaced
+    tuned = _params(workdir)
+    assert tuned["fc"]["kernel"].shape == (2048, 4)
+    np.testing.assert_array_equal(
+        tuned["layer1_0"]["conv1"]["kernel"], ten_classes["params"]["layer1_0"]["conv1"]["kernel"]
+    )
