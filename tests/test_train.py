@@ -198,41 +198,6 @@ def test_eval_mode_reproduces_the_final_metrics(reference_run: str, noise_folder
     assert f"top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}%" in done.stdout
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_processes_on_loopback_form_one_run(short_run: str, noise_folder: str, tmp_path) -> None:
-    """2 processes x 2 devices train like the 8-device run (same global batch)."""
-    workdir = str(tmp_path)
-    port = _free_port()
-    processes = [
-        subprocess.Popen(
-            [
-                *_command(workdir, noise_folder, SHORT),
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={index}",
-            ],
-            cwd=ROOT,
-            env=_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for index in range(2)
-    ]
-    outputs = [process.communicate(timeout=900)[0] for process in processes]
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-3000:]
-    assert "final (step 3)" in outputs[0] and "final" not in outputs[1]  # process 0 reports
-    _assert_same_training(workdir, short_run)
-
-
 def test_fine_tuning_starts_from_given_weights_with_a_new_head(reference_run: str, noise_folder: str, tmp_path) -> None:
     """init_weights + reset_head: a 10-class checkpoint fine-tuned on the 4-class folder."""
     overrides = {"layers": (1, 1, 1, 1), "base_width": 4}
