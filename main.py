@@ -6,6 +6,7 @@ python main.py --config=configs/res2net50.py --workdir=runs/r50 --mode=eval
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,6 +20,16 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an unknown --config.key reported in one line instead of a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as err:  # ml_collections' way of rejecting an unknown field
+        cause = err.args[0] if err.args else err
+        detail = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
+        sys.exit(f"FATAL: unknown config field {' '.join(str(detail).split())} (fields: configs/default.py)")
 
 
 def main(argv: list[str]) -> None:
@@ -43,4 +54,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

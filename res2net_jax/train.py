@@ -330,14 +330,24 @@ class Checkpoints:
     """The latest checkpoints (keep N, asynchronous) and the best one by top-1, in the workdir."""
 
     def __init__(self, workdir: str, keep: int):
+        # Each manager gets its own barrier names: both save the same step at an evaluation, and across
+        # processes two asynchronous saves under one name collide ("barrier ... is already ongoing").
         self.latest = ocp.CheckpointManager(
             os.path.join(workdir, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="latest"),
+            ),
         )
         self.best = ocp.CheckpointManager(
             os.path.join(workdir, "best"),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max", create=True
+                max_to_keep=1,
+                best_fn=lambda m: m["top1"],
+                best_mode="max",
+                create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best"),
             ),
         )
 
