@@ -5,6 +5,8 @@ ImageNet recipe on 8 devices (batch 32 x 8, SGD momentum 0.9, lr 0.1, weight dec
 smoothing 0.1, random-resized-crop, flip, color jitter 0.4, random erasing 0.5).
 """
 
+from typing import Any
+
 import ml_collections
 
 
@@ -64,4 +66,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_epochs = 1.0
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
+    return config
+
+
+def imagenet_recipe(model: str, recipe: str, ascend: dict[str, Any]) -> ml_collections.ConfigDict:
+    """MindCV's ImageNet recipe for `model`: 'gpu' (300 epochs, cosine, 5 warmup epochs, mixup 0.2,
+    the same for every model) or 'ascend' (the defaults above changed by `ascend`)."""
+    if recipe not in ("gpu", "ascend"):
+        raise ValueError(f"unknown recipe {recipe!r}: end the config path with :gpu or :ascend")
+    config = get_config()
+    config.model = model
+    if recipe == "gpu":
+        config.update({"num_epochs": 300, "warmup_epochs": 5.0, "mixup_alpha": 0.2})
+    else:
+        config.update(ascend)
     return config

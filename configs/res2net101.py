@@ -8,22 +8,14 @@ by 10 every 30 epochs. Both: batch 256, SGD momentum 0.9, lr 0.1, weight decay 1
 0.1. Expect about MindCV's 79.56% top-1 / 94.70% top-5 (Ascend recipe); timm's weights: 79.19 / 94.47.
 """
 
+import ml_collections
+
 from configs import default
 
 
-def get_config(recipe: str = "gpu"):
-    config = default.get_config()
-    config.model = "res2net101"
-    if recipe == "ascend":
-        config.num_epochs = 140
-        config.lr_schedule = "step"
-        config.lr_decay_epochs = 30.0
-        config.lr_decay_rate = 0.1
-        config.warmup_epochs = 0.0
-    elif recipe == "gpu":
-        config.num_epochs = 300
-        config.warmup_epochs = 5.0
-        config.mixup_alpha = 0.2
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}: use configs/res2net101.py:gpu or :ascend")
-    return config
+def get_config(recipe: str = "gpu") -> ml_collections.ConfigDict:
+    return default.imagenet_recipe(
+        "res2net101",
+        recipe,
+        ascend={"num_epochs": 140, "lr_schedule": "step", "lr_decay_epochs": 30.0, "warmup_epochs": 0.0},
+    )

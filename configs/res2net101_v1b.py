@@ -8,19 +8,10 @@ GPU recipe: 300 epochs, cosine, 5 warmup epochs, mixup 0.2. Ascend recipe: 200 e
 Expect about MindCV's 81.14% top-1 / 95.41% top-5 (Ascend recipe); timm's weights: 81.24 / 95.35.
 """
 
+import ml_collections
+
 from configs import default
 
 
-def get_config(recipe: str = "gpu"):
-    config = default.get_config()
-    config.model = "res2net101_v1b"
-    if recipe == "ascend":
-        config.num_epochs = 200
-        config.warmup_epochs = 4.0
-    elif recipe == "gpu":
-        config.num_epochs = 300
-        config.warmup_epochs = 5.0
-        config.mixup_alpha = 0.2
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}: use configs/res2net101_v1b.py:gpu or :ascend")
-    return config
+def get_config(recipe: str = "gpu") -> ml_collections.ConfigDict:
+    return default.imagenet_recipe("res2net101_v1b", recipe, ascend={"num_epochs": 200, "warmup_epochs": 4.0})

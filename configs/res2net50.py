@@ -9,19 +9,10 @@ Expect about MindCV's 79.35% top-1 / 94.64% top-5 (Ascend recipe, 8x Ascend 910)
 weights of the same network score 77.99 / 93.86. ImageNet (imagenet2012) must be downloaded by hand.
 """
 
+import ml_collections
+
 from configs import default
 
 
-def get_config(recipe: str = "gpu"):
-    config = default.get_config()
-    config.model = "res2net50"
-    if recipe == "ascend":
-        config.num_epochs = 200
-        config.warmup_epochs = 4.0
-    elif recipe == "gpu":
-        config.num_epochs = 300
-        config.warmup_epochs = 5.0
-        config.mixup_alpha = 0.2
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}: use configs/res2net50.py:gpu or :ascend")
-    return config
+def get_config(recipe: str = "gpu") -> ml_collections.ConfigDict:
+    return default.imagenet_recipe("res2net50", recipe, ascend={"num_epochs": 200, "warmup_epochs": 4.0})

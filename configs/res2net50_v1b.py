@@ -7,15 +7,12 @@ GPU and Ascend recipes are the same (the argument is accepted for symmetry): 300
 0.1. Expect about MindCV's 80.32% top-1 / 95.09% top-5; timm's weights: 80.28 / 95.03.
 """
 
+import ml_collections
+
 from configs import default
 
 
-def get_config(recipe: str = "gpu"):
-    if recipe not in ("gpu", "ascend"):
-        raise ValueError(f"unknown recipe {recipe!r}: use configs/res2net50_v1b.py:gpu or :ascend")
-    config = default.get_config()
-    config.model = "res2net50_v1b"
-    config.num_epochs = 300
-    config.warmup_epochs = 5.0
-    config.mixup_alpha = 0.2
-    return config
+def get_config(recipe: str = "gpu") -> ml_collections.ConfigDict:
+    return default.imagenet_recipe(
+        "res2net50_v1b", recipe, ascend={"num_epochs": 300, "warmup_epochs": 5.0, "mixup_alpha": 0.2}
+    )
