@@ -5,6 +5,11 @@ mechanical: `layer1.0.convs.2.weight` (OIHW) <-> `params/layer1_0/convs_2/kernel
 `weight/bias/running_mean/running_var` <-> `params/.../scale`, `params/.../bias`,
 `batch_stats/.../mean`, `batch_stats/.../var`, Linear `(out, in)` <-> Dense `(in, out)`.
 Every conversion is strict: a key that is missing, left over or mis-shaped is an error.
+
+MindCV (MindSpore) names the same tensors differently (`timm_to_mindcv`): `fc` -> `classifier`,
+`downsample` -> `down_sample`, BN `gamma/beta/moving_mean/moving_variance`, and its v1b networks put
+no pooling layer in layer1's shortcut, so `layer1.0.downsample.1/.2` are `layer1.0.down_sample.0/.1`
+there. Layouts are the same as PyTorch's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from res2net_jax import ms_checkpoint
+from res2net_jax.models import Res2Net
 from res2net_jax.registry import MODELS, create_model, get_spec
 
 Variables = dict[str, Any]
@@ -225,6 +232,97 @@ def to_torch(variables: Variables, model_name: str, overrides: Overrides = None)
     return state_dict
 
 
+# --- MindCV names ------------------------------------------------------------------------------
+
+_TIMM_TO_MINDCV_BN = {"running_mean": "moving_mean", "running_var": "moving_variance"}
+_MINDCV_TO_TIMM = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+
+
+def timm_to_mindcv(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A timm-named Res2Net state dict under MindCV's names (same tensors; BN counters dropped).
+
+    BN affine parameters are the 1-D `weight`/`bias` outside `fc`; a v1b network is recognised by the
+    BN at index 2 of its stage-2 shortcut.
+    """
+    v1b = any(re.match(r"layer[2-9]\.0\.downsample\.2\.", key) for key in state_dict)
+    renamed = {}
+    for key, value in state_dict.items():
+        module, _, name = key.rpartition(".")
+        if name == _BN_COUNTER:
+            continue
+        if module == "fc":
+            renamed[f"classifier.{name}"] = value
+            continue
+        if np.ndim(value) == 1 and name in ("weight", "bias"):
+            name = {"weight": "gamma", "bias": "beta"}[name]
+        name = _TIMM_TO_MINDCV_BN.get(name, name)
+        module = module.replace("downsample", "down_sample")
+        if v1b and module.startswith("layer1.0.down_sample."):
+            head, _, index = module.rpartition(".")
+            module = f"{head}.{int(index) - 1}"
+        renamed[f"{module}.{name}"] = value
+    return renamed
+
+
+def mindcv_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of `timm_to_mindcv`: a MindCV-named state dict under timm's names."""
+    v1b = any(re.match(r"layer[2-9]\.0\.down_sample\.2\.", key) for key in state_dict)
+    renamed = {}
+    for key, value in state_dict.items():
+        module, _, name = key.rpartition(".")
+        name = _MINDCV_TO_TIMM.get(name, name)
+        if module == "classifier":
+            module = "fc"
+        if v1b and module.startswith("layer1.0.down_sample."):
+            head, _, index = module.rpartition(".")
+            module = f"{head}.{int(index) + 1}"
+        renamed[f"{module.replace('down_sample', 'downsample')}.{name}"] = value
+    return renamed
+
+
+def _looks_mindcv(state_dict: Mapping[str, Any]) -> bool:
+    return any(key.endswith((".moving_mean", ".gamma")) or key.startswith("classifier.") for key in state_dict)
+
+
+def _check_mindcv_can_build(model_name: str, overrides: Overrides) -> None:
+    """MindCV's Res2Net class has no DLA and no grouped 3x3 convs (Res2NeXt): refuse those early."""
+    spec = get_spec(model_name)
+    cardinality = {**spec.kwargs, **dict(overrides or {})}.get("cardinality", 1)
+    if spec.family is not Res2Net or cardinality != 1:
+        raise ValueError(
+            f"MindCV has no network like {model_name} (its Res2Net has no DLA and no grouped convs): "
+            "MindSpore export takes the Res2Net family with cardinality 1, e.g. res2net50, res2net101, "
+            "res2net152, res2net50_v1b, res2net101_v1b, res2net152_v1b"
+        )
+
+
+def to_mindspore(variables: Variables, model_name: str, path: str | os.PathLike, overrides: Overrides = None) -> None:
+    """Writes Flax variables as a MindSpore `.ckpt` that MindCV's network of the same name loads.
+
+    An existing `path` is never overwritten.
+    """
+    _check_mindcv_can_build(model_name, overrides)
+    path = os.fspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists: choose a new output path, or delete it first")
+    ms_checkpoint.write(timm_to_mindcv(to_torch(variables, model_name, overrides)), path)
+
+
+def from_mindspore(
+    path: str | os.PathLike,
+    model_name: str,
+    num_classes: int | None = None,
+    reset_head: bool = False,
+    rng: jax.Array | None = None,
+    overrides: Overrides = None,
+) -> Variables:
+    """Flax variables from a MindSpore `.ckpt` of a MindCV Res2Net; arguments as in `from_torch`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MindSpore checkpoint not found: {path}")
+    state_dict = mindcv_to_timm(ms_checkpoint.read(path))
+    return from_torch(state_dict, model_name, num_classes, reset_head, rng, overrides)
+
+
 # --- Files -------------------------------------------------------------------------------------
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -257,7 +355,8 @@ def _import_torch(path: str) -> Any:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A PyTorch state dict from a .pth/.bin torch pickle or a .safetensors file, told apart by content."""
+    """A timm-named state dict from a .pth/.bin torch pickle, a .safetensors file or a MindSpore .ckpt,
+    told apart by content; MindCV names (from a .ckpt or a MindSpore safetensors file) are renamed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -271,15 +370,18 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             from safetensors.numpy import load_file
 
             checkpoint = load_file(path)
+        elif head[:1] == b"\x0a":  # protobuf field 1, length-delimited: a MindSpore checkpoint
+            checkpoint = ms_checkpoint.read(path)
         else:
-            raise ValueError("it is neither a PyTorch checkpoint (.pth/.bin) nor a safetensors file")
-    except (ImportError, FileNotFoundError):
+            raise ValueError("it is neither a PyTorch checkpoint (.pth/.bin), a safetensors file nor a MindSpore .ckpt")
+    except (ImportError, FileNotFoundError, ms_checkpoint.CorruptCheckpointError):
         raise
     except Exception as err:  # torch, zipfile and safetensors each raise their own types
         raise ValueError(f"cannot read weights file {path}: {err}") from err
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"weights file {path} holds a {type(checkpoint).__name__}, not a state dict")
-    return {k: _to_numpy(v) for k, v in _unwrap(checkpoint).items()}
+    state_dict = {k: _to_numpy(v) for k, v in _unwrap(checkpoint).items()}
+    return mindcv_to_timm(state_dict) if _looks_mindcv(state_dict) else state_dict
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:

@@ -2,9 +2,10 @@
 
     python -m res2net_jax.export --format=torch --model=res2net50d --weights=DIR --out=res2net50d.safetensors
     python -m res2net_jax.export --format=orbax --model=res2net50d --weights=res2net50d.pth --out=DIR
+    python -m res2net_jax.export --format=mindspore --model=res2net50_v1b --weights=DIR --out=r50_v1b.ckpt
 
 --weights takes any file `res2net_jax.convert.load_variables` reads (a .pth/.bin/.safetensors
-PyTorch state dict, or an Orbax directory). An existing --out is never overwritten.
+PyTorch state dict, a MindSpore .ckpt, or an Orbax directory). An existing --out is never overwritten.
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ from absl import app, flags, logging
 from res2net_jax import convert
 
 _FORMAT = flags.DEFINE_enum(
-    "format", None, ["orbax", "torch"], "orbax: Flax variables; torch: timm-named state dict.", required=True
+    "format",
+    None,
+    ["orbax", "torch", "mindspore"],
+    "orbax: Flax variables; torch: timm-named state dict; mindspore: MindCV-named .ckpt.",
+    required=True,
 )
 _MODEL = flags.DEFINE_string("model", None, "Registered model name, e.g. res2net50_26w_4s.", required=True)
 _WEIGHTS = flags.DEFINE_string("weights", None, "Input weights: a file or an Orbax directory.", required=True)
 _OUT = flags.DEFINE_string(
-    "out", None, "Output path: a directory for orbax; .safetensors, .pth, .pt or .bin for torch.", required=True
+    "out",
+    None,
+    "Output: a directory (orbax); .safetensors, .pth, .pt or .bin (torch); .ckpt (mindspore).",
+    required=True,
 )
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the written head (default: the input's).")
 _RESET_HEAD = flags.DEFINE_bool("reset_head", False, "Replace a head of another class count with a new one.")
@@ -40,6 +48,8 @@ def main(argv: list[str]) -> None:
     )
     if _FORMAT.value == "torch":
         convert.save_state_dict(convert.to_torch(variables, _MODEL.value), out)
+    elif _FORMAT.value == "mindspore":
+        convert.to_mindspore(variables, _MODEL.value, out)
     else:
         convert.save_variables(variables, out)
     print(f"wrote {_MODEL.value} ({convert.num_classes_of(variables)} classes) as {_FORMAT.value} to {out}")

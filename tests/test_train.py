@@ -199,6 +199,20 @@ def test_eval_mode_reproduces_the_final_metrics(reference_run: str, noise_folder
     assert f"top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}%" in done.stdout
 
 
+def test_eval_mode_takes_a_mindspore_checkpoint(reference_run: str, noise_folder: str, tmp_path) -> None:
+    overrides = {"layers": (1, 1, 1, 1), "base_width": 4}
+    weights = str(tmp_path / "exported.ckpt")
+    convert.to_mindspore(convert.load_variables(reference_run, "res2net50", overrides=overrides), "res2net50",
+                         weights, overrides)  # fmt: skip
+    done = subprocess.run(
+        [*_command(str(tmp_path / "eval"), noise_folder, f"--config.eval_weights={weights}"), "--mode=eval"],
+        cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = _metrics(reference_run)[-1]
+    assert f"top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}%" in done.stdout
+
+
 def _free_port() -> int:
     import socket
 

@@ -1,0 +1,192 @@
+"""MindSpore export and import against MindCV itself, run in its own virtual environment.
+
+MindCV's networks load our exported .ckpt files (nothing left unloaded on either side) and compute
+the Flax logits; checkpoints MindSpore wrote itself import into Flax. The MindSpore side runs in the
+environment tests/mindcv_env/make_venv.sh makes (MindSpore needs NumPy 1.x), through a subprocess.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
+
+from res2net_jax import convert, create_model, get_spec, ms_checkpoint
+from res2net_jax.convert import CheckpointMismatchError
+from res2net_jax.ms_checkpoint import CorruptCheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINDCV_NAMES = ["res2net50", "res2net101", "res2net152", "res2net50_v1b", "res2net101_v1b", "res2net152_v1b"]
+SAVED_BY_MINDSPORE = ["res2net50", "res2net50_v1b"]
+TOLERANCE = 1e-5
+CLASSES = 10
+SIZE = (97, 113)  # odd sizes exercise every padding and pooling rule
+
+
+def _mindspore_python() -> str:
+    python = os.environ.get("RES2NET_MINDSPORE_PYTHON", os.path.join(ROOT, ".venv-mindspore", "bin", "python"))
+    if not os.path.exists(python):
+        message = f"no MindSpore environment at {python}: make it with tests/mindcv_env/make_venv.sh"
+        if os.environ.get("RES2NET_REQUIRE_MINDSPORE"):  # CI makes it and must not skip
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+def _variables(name: str, classes: int = CLASSES) -> dict:
+    timm_name = get_spec(name).name
+    return convert.from_torch(state_dict_numpy(timm_model(timm_name, num_classes=classes)), name)
+
+
+def _logits(name: str, variables: dict, x: np.ndarray) -> np.ndarray:
+    with jax.default_matmul_precision("highest"):
+        model = create_model(name, num_classes=convert.num_classes_of(variables))
+        return np.asarray(model.apply(variables, x.transpose(0, 2, 3, 1)))
+
+
+@pytest.fixture(scope="module")
+def mindcv(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Runs every MindSpore job in one subprocess.
+
+    Returns the input, our logits by model, and (job, outcome) by (model, saved by MindSpore).
+    """
+    python = _mindspore_python()
+    directory = tmp_path_factory.mktemp("mindcv")
+    x = images_nchw(2, *SIZE)
+    np.save(directory / "x.npy", x)
+    jobs, flax_logits = [], {}
+    for name in MINDCV_NAMES:
+        variables = _variables(name)
+        convert.to_mindspore(variables, name, directory / f"{name}.ckpt")
+        flax_logits[name] = _logits(name, variables, x)
+        jobs.append({"model": name, "num_classes": CLASSES, "load": str(directory / f"{name}.ckpt")})
+    for name in SAVED_BY_MINDSPORE:
+        jobs.append({"model": name, "num_classes": 7, "save": str(directory / f"{name}_by_mindspore.ckpt")})
+    for index, job in enumerate(jobs):
+        job.update(input=str(directory / "x.npy"), logits=str(directory / f"logits_{index}.npy"))
+    spec = directory / "jobs.json"
+    spec.write_text(json.dumps({"jobs": jobs, "result": str(directory / "result.json")}))
+    done = subprocess.run(
+        [python, os.path.join(ROOT, "tests", "mindcv_env", "run_mindcv.py"), str(spec)],
+        capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONPATH=""),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    outcomes = json.loads((directory / "result.json").read_text())["jobs"]
+    by_key = {(job["model"], "save" in job): (job, outcome) for job, outcome in zip(jobs, outcomes, strict=True)}
+    return {"x": x, "flax": flax_logits, "jobs": by_key}
+
+
+@pytest.mark.parametrize("name", MINDCV_NAMES)
+def test_mindcv_loads_our_export_completely_and_computes_our_logits(mindcv: dict, name: str) -> None:
+    job, outcome = mindcv["jobs"][(name, False)]
+    assert outcome["not_loaded"] == [] and outcome["not_used"] == []
+    assert outcome["parameters"] == len(ms_checkpoint.read(job["load"]))
+    assert rel_error(mindcv["flax"][name], np.load(job["logits"])) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", SAVED_BY_MINDSPORE)
+def test_checkpoint_saved_by_mindspore_imports_with_its_logits(mindcv: dict, name: str) -> None:
+    job, _ = mindcv["jobs"][(name, True)]
+    variables = convert.from_mindspore(job["save"], name)
+    assert convert.num_classes_of(variables) == 7
+    assert rel_error(_logits(name, variables, mindcv["x"]), np.load(job["logits"])) <= TOLERANCE
+    # The general loader (main.py's init_weights / eval_weights) recognises the file by its content.
+    same = convert.load_variables(job["save"], name)
+    jax.tree.map(np.testing.assert_array_equal, same, variables)
+
+
+# --- Without MindSpore: the file format and the errors --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    directory = tmp_path_factory.mktemp("exported")
+    out = {}
+    for name in ("res2net50", "res2net50_v1b"):
+        variables = _variables(name, classes=1000)
+        convert.to_mindspore(variables, name, directory / f"{name}.ckpt")
+        out[name] = (variables, str(directory / f"{name}.ckpt"))
+    return out
+
+
+def test_names_and_counts_are_mindcvs(exported: dict) -> None:
+    """427 and 437 tensors (reference.md section 3), v1b's layer1 shortcut without a pool index."""
+    v1 = ms_checkpoint.read(exported["res2net50"][1])
+    v1b = ms_checkpoint.read(exported["res2net50_v1b"][1])
+    assert (len(v1), len(v1b)) == (427, 437)
+    assert {"conv1.weight", "bn1.gamma", "bn1.moving_variance", "classifier.weight", "layer1.0.down_sample.0.weight",
+            "layer1.0.down_sample.1.beta", "layer2.0.down_sample.0.weight",
+            "layer3.5.bns.2.moving_mean"} <= set(v1)  # fmt: skip
+    assert {"conv1.0.weight", "conv1.1.gamma", "conv1.6.weight", "layer1.0.down_sample.0.weight",
+            "layer1.0.down_sample.1.moving_mean", "layer2.0.down_sample.1.weight",
+            "layer4.0.down_sample.2.gamma"} <= set(v1b)  # fmt: skip
+    assert v1["classifier.weight"].shape == (1000, 2048) and v1["layer1.0.convs.0.weight"].shape == (26, 26, 3, 3)
+
+
+def test_round_trip_is_exact(exported: dict, tmp_path) -> None:
+    from safetensors.numpy import save_file
+
+    for name, (variables, path) in exported.items():
+        jax.tree.map(np.testing.assert_array_equal, convert.from_mindspore(path, name), variables)
+        # MindSpore's safetensors format keeps MindCV's names; the loader renames them too.
+        save_file(ms_checkpoint.read(path), tmp_path / f"{name}.safetensors")
+        jax.tree.map(np.testing.assert_array_equal, convert.load_variables(tmp_path / f"{name}.safetensors", name),
+                     variables)  # fmt: skip
+
+
+def test_crc_trailer_is_checked(exported: dict, tmp_path) -> None:
+    """MindSpore's optional trailer: b'crc_num' and the CRC32 of everything before it, 10 bytes big-endian."""
+    with open(exported["res2net50"][1], "rb") as f:
+        body = f.read()
+    good, bad = tmp_path / "good.ckpt", tmp_path / "bad.ckpt"
+    good.write_bytes(body + b"crc_num" + binascii.crc32(body).to_bytes(10, "big"))
+    bad.write_bytes(body + b"crc_num" + (binascii.crc32(body) ^ 1).to_bytes(10, "big"))
+    assert len(ms_checkpoint.read(good)) == 427
+    with pytest.raises(CorruptCheckpointError, match="CRC32 does not match"):
+        ms_checkpoint.read(bad)
+
+
+def test_bad_files_are_clear_errors(exported: dict, tmp_path) -> None:
+    variables, path = exported["res2net50"]
+    with open(path, "rb") as f:
+        body = f.read()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(body[: len(body) // 2])
+    with pytest.raises(CorruptCheckpointError, match=r"truncated\.ckpt is not a complete MindSpore checkpoint"):
+        convert.from_mindspore(truncated, "res2net50")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x0a" + os.urandom(4000))
+    with pytest.raises(CorruptCheckpointError, match="garbage.ckpt is not a complete MindSpore checkpoint"):
+        convert.load_variables(garbage, "res2net50")
+    with pytest.raises(CheckpointMismatchError, match=r"does not fit res2net50_v1b: .*looks like res2net50_26w_4s"):
+        convert.from_mindspore(path, "res2net50_v1b")
+    with pytest.raises(CheckpointMismatchError, match="head has 1000 classes but 10.*reset_head=True"):
+        convert.from_mindspore(path, "res2net50", num_classes=10)
+    extra = tmp_path / "with_optimizer.ckpt"
+    tensors = ms_checkpoint.read(path)
+    ms_checkpoint.write({**tensors, "moments.conv1.weight": tensors["conv1.weight"]}, extra)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected 1 \(moments\.conv1\.weight\)"):
+        convert.from_mindspore(extra, "res2net50")
+    with pytest.raises(FileExistsError, match="choose a new output path"):
+        convert.to_mindspore(variables, "res2net50", path)
+    with pytest.raises(ValueError, match="MindCV has no network like res2next50"):
+        convert.to_mindspore(variables, "res2next50", tmp_path / "x.ckpt")
+
+
+def test_export_cli_writes_mindspore(exported: dict, tmp_path) -> None:
+    variables, path = exported["res2net50_v1b"]
+    out = tmp_path / "cli.ckpt"
+    command = [sys.executable, "-m", "res2net_jax.export", "--format=mindspore", "--model=res2net50_v1b",
+               f"--weights={path}", f"--out={out}"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jax.tree.map(np.testing.assert_array_equal, convert.from_mindspore(out, "res2net50_v1b"), variables)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "exists" in again.stderr
