@@ -37,7 +37,7 @@ def test_eval_train_and_bn_update_match_timm(name: str) -> None:
     with torch.no_grad():
         expected_eval = reference(torch.from_numpy(x)).numpy()
     with jax.default_matmul_precision("highest"):
-        logits = create_model(name).apply(variables, _nhwc(x), train=False)
+        logits = jax.jit(lambda v, x: create_model(name).apply(v, x, train=False))(variables, _nhwc(x))
     assert logits.shape == expected_eval.shape
     assert rel_error(logits, expected_eval) <= TOLERANCE
 
@@ -51,8 +51,9 @@ def test_eval_train_and_bn_update_match_timm(name: str) -> None:
         expected_64 = reference_64(torch.from_numpy(x).double()).numpy()
     expected_stats = {k: v.detach().numpy() for k, v in reference_64.state_dict().items() if "running" in k}
     with jax.enable_x64(True):
-        logits_64, updates_64 = create_model(name, dtype=jnp.float64).apply(
-            variables, _nhwc(x).astype(jnp.float64), train=True, mutable=["batch_stats"]
+        model_64 = create_model(name, dtype=jnp.float64)
+        logits_64, updates_64 = jax.jit(lambda v, x: model_64.apply(v, x, train=True, mutable=["batch_stats"]))(
+            variables, _nhwc(x).astype(jnp.float64)
         )
         stats_64 = _stats_by_torch_key(name, variables["params"], updates_64["batch_stats"])
     assert rel_error(logits_64, expected_64) <= F64_TOLERANCE
@@ -63,7 +64,10 @@ def test_eval_train_and_bn_update_match_timm(name: str) -> None:
     assert len(moved) == len(expected_stats), "train mode must update every BN's running statistics"
 
     with jax.default_matmul_precision("highest"):
-        logits_32, _ = create_model(name).apply(variables, _nhwc(x), train=True, mutable=["batch_stats"])
+        model_32 = create_model(name)
+        logits_32, _ = jax.jit(lambda v, x: model_32.apply(v, x, train=True, mutable=["batch_stats"]))(
+            variables, _nhwc(x)
+        )
     assert rel_error(logits_32, expected_64) <= 2 * rel_error(expected_32, expected_64) + 1e-6
 
     # The checkpoint survives the round trip bit for bit (fresh counters are 0, as written).
@@ -121,7 +125,7 @@ def test_train_mode_gradients_match_timm(name: str) -> None:
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
 
         params_64 = jax.tree.map(lambda p: p.astype(jnp.float64), variables["params"])
-        grads = jax.grad(loss_fn)(params_64)
+        grads = jax.jit(jax.grad(loss_fn))(params_64)
         grads_torch = convert.to_torch({"params": grads, "batch_stats": variables["batch_stats"]}, name)
     assert set(expected) <= set(grads_torch)
     for key, value in expected.items():
