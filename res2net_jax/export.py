@@ -3,9 +3,14 @@
     python -m res2net_jax.export --format=torch --model=res2net50d --weights=DIR --out=res2net50d.safetensors
     python -m res2net_jax.export --format=orbax --model=res2net50d --weights=res2net50d.pth --out=DIR
     python -m res2net_jax.export --format=mindspore --model=res2net50_v1b --weights=DIR --out=r50_v1b.ckpt
+    python -m res2net_jax.export --format=stablehlo --model=res2net50d --weights=DIR --out=res2net50d.jaxexport
+    python -m res2net_jax.export --format=savedmodel --model=res2net50d --weights=DIR --out=res2net50d_savedmodel
+    python -m res2net_jax.export --format=onnx --model=res2net50d --weights=DIR --out=res2net50d.onnx
 
 --weights takes any file `res2net_jax.convert.load_variables` reads (a .pth/.bin/.safetensors
-PyTorch state dict, a MindSpore .ckpt, or an Orbax directory). An existing --out is never overwritten.
+PyTorch state dict, a MindSpore .ckpt, or an Orbax directory). stablehlo, savedmodel and onnx write
+the inference function (normalised NHWC float32 images of --image_size, any batch size -> logits;
+see `res2net_jax.deploy` and `res2net_jax.onnx_export`). An existing --out is never overwritten.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ import os
 
 from absl import app, flags, logging
 
-from res2net_jax import convert
+from res2net_jax import convert, deploy, onnx_export
+from res2net_jax.registry import create_model, get_spec
 
 _FORMAT = flags.DEFINE_enum(
     "format",
     None,
-    ["orbax", "torch", "mindspore"],
-    "orbax: Flax variables; torch: timm-named state dict; mindspore: MindCV-named .ckpt.",
+    ["orbax", "torch", "mindspore", "stablehlo", "savedmodel", "onnx"],
+    "orbax: Flax variables; torch: timm-named state dict; mindspore: MindCV-named .ckpt; "
+    "stablehlo: serialised jax.export of the inference function; savedmodel, onnx: the same as a TF SavedModel "
+    "or an ONNX model.",
     required=True,
 )
 _MODEL = flags.DEFINE_string("model", None, "Registered model name, e.g. res2net50_26w_4s.", required=True)
@@ -28,11 +36,22 @@ _WEIGHTS = flags.DEFINE_string("weights", None, "Input weights: a file or an Orb
 _OUT = flags.DEFINE_string(
     "out",
     None,
-    "Output: a directory (orbax); .safetensors, .pth, .pt or .bin (torch); .ckpt (mindspore).",
+    "Output: a directory (orbax, savedmodel); .safetensors, .pth, .pt or .bin (torch); .ckpt (mindspore); a file "
+    "(stablehlo, onnx).",
     required=True,
 )
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the written head (default: the input's).")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "stablehlo/savedmodel/onnx: the input height and width (default: the model's, 224)."
+)
 _RESET_HEAD = flags.DEFINE_bool("reset_head", False, "Replace a head of another class count with a new one.")
+
+
+_DEPLOY = {
+    "stablehlo": deploy.export_stablehlo,
+    "savedmodel": deploy.export_savedmodel,
+    "onnx": onnx_export.export_onnx,
+}
 
 
 def main(argv: list[str]) -> None:
@@ -50,6 +69,10 @@ def main(argv: list[str]) -> None:
         convert.save_state_dict(convert.to_torch(variables, _MODEL.value), out)
     elif _FORMAT.value == "mindspore":
         convert.to_mindspore(variables, _MODEL.value, out)
+    elif _FORMAT.value in _DEPLOY:
+        model = create_model(_MODEL.value, num_classes=convert.num_classes_of(variables))
+        image_size = _IMAGE_SIZE.value or get_spec(_MODEL.value).input_size
+        _DEPLOY[_FORMAT.value](model, variables, image_size, out)
     else:
         convert.save_variables(variables, out)
     print(f"wrote {_MODEL.value} ({convert.num_classes_of(variables)} classes) as {_FORMAT.value} to {out}")

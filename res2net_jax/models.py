@@ -338,7 +338,7 @@ class DLA(nn.Module):
         """Global average pool and the 1x1-conv classifier over the last level's map."""
         acc = accumulation_dtype(self.dtype)
         x = jnp.mean(x.astype(acc), axis=(1, 2), keepdims=True)
-        return self.fc(x.astype(self.dtype))[:, 0, 0, :].astype(acc)
+        return jnp.squeeze(self.fc(x.astype(self.dtype)), axis=(1, 2)).astype(acc)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits (float32) for NHWC images normalised with the ImageNet mean and std."""

@@ -1,0 +1,87 @@
+"""Deployment artefacts of the inference function: serialised StableHLO (`jax.export`) and a
+TensorFlow SavedModel (`jax2tf`).
+
+Both take normalised float32 NHWC images of one fixed size and any batch size (a symbolic batch
+dimension), return float32 logits, and embed the weights. They are lowered for CPU, CUDA and TPU
+at once, so one artefact serves all three. ONNX, the third format, is in `res2net_jax.onnx_export`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def logits_fn(model: nn.Module, variables: Any) -> Callable[[jax.Array], jax.Array]:
+    """Normalised NHWC images -> float32 logits, eval mode, with the variables closed over."""
+
+    def logits(images: jax.Array) -> jax.Array:
+        return model.apply(variables, images, train=False).astype(jnp.float32)
+
+    return logits
+
+
+def _refuse_existing(path: str) -> None:
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists: choose a new output path, or delete it first")
+
+
+def export_stablehlo(
+    model: nn.Module,
+    variables: Any,
+    image_size: int,
+    path: str | os.PathLike,
+    platforms: Sequence[str] = PLATFORMS,
+) -> None:
+    """Writes the inference function as serialised `jax.export` StableHLO; `load_stablehlo` runs it."""
+    path = os.fspath(path)
+    _refuse_existing(path)
+    (batch,) = jax.export.symbolic_shape("batch")
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    exported = jax.export.export(jax.jit(logits_fn(model, variables)), platforms=tuple(platforms))(images)
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+
+
+def load_stablehlo(path: str | os.PathLike) -> Callable[[Any], jax.Array]:
+    """The function `export_stablehlo` wrote, callable on any batch of the exported image size."""
+    with open(os.fspath(path), "rb") as f:
+        return jax.export.deserialize(bytearray(f.read())).call
+
+
+def export_savedmodel(
+    model: nn.Module,
+    variables: Any,
+    image_size: int,
+    directory: str | os.PathLike,
+    platforms: Sequence[str] = PLATFORMS,
+) -> None:
+    """Writes the inference function as a TF SavedModel whose `serving_default` signature maps
+    `images` (batch, image_size, image_size, 3) float32 to `logits`."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    from res2net_jax.input_pipeline import hide_tf_from_accelerators
+
+    hide_tf_from_accelerators()
+    directory = os.fspath(directory)
+    _refuse_existing(directory)
+    converted = jax2tf.convert(
+        logits_fn(model, variables),
+        polymorphic_shapes=[f"(batch, {image_size}, {image_size}, 3)"],
+        native_serialization_platforms=tuple(platforms),
+    )
+    module = tf.Module()
+    module.serve = tf.function(
+        lambda images: {"logits": converted(images)},
+        input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="images")],
+        autograph=False,
+    )
+    tf.saved_model.save(module, directory, signatures={"serving_default": module.serve})
