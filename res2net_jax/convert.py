@@ -232,6 +232,14 @@ def to_torch(variables: Variables, model_name: str, overrides: Overrides = None)
     return state_dict
 
 
+def new_output_path(path: str | os.PathLike) -> str:
+    """`path` as a string, refused if something is there already: writers never overwrite work."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists: choose a new output path, or delete it first")
+    return path
+
+
 # --- MindCV names ------------------------------------------------------------------------------
 
 _TIMM_TO_MINDCV_BN = {"running_mean": "moving_mean", "running_var": "moving_variance"}
@@ -302,9 +310,7 @@ def to_mindspore(variables: Variables, model_name: str, path: str | os.PathLike,
     An existing `path` is never overwritten.
     """
     _check_mindcv_can_build(model_name, overrides)
-    path = os.fspath(path)
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists: choose a new output path, or delete it first")
+    path = new_output_path(path)
     ms_checkpoint.write(timm_to_mindcv(to_torch(variables, model_name, overrides)), path)
 
 
@@ -402,9 +408,7 @@ def save_variables(variables: Variables, directory: str | os.PathLike) -> None:
     """Writes Flax variables as an Orbax checkpoint directory (which must not exist yet)."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory):
-        raise FileExistsError(f"{directory} exists: choose a new output path, or delete it first")
+    directory = os.path.abspath(new_output_path(directory))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory, variables)
     checkpointer.wait_until_finished()

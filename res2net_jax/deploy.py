@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from res2net_jax.convert import new_output_path
+
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
@@ -28,11 +30,6 @@ def logits_fn(model: nn.Module, variables: Any) -> Callable[[jax.Array], jax.Arr
     return logits
 
 
-def _refuse_existing(path: str) -> None:
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists: choose a new output path, or delete it first")
-
-
 def export_stablehlo(
     model: nn.Module,
     variables: Any,
@@ -41,8 +38,7 @@ def export_stablehlo(
     platforms: Sequence[str] = PLATFORMS,
 ) -> None:
     """Writes the inference function as serialised `jax.export` StableHLO; `load_stablehlo` runs it."""
-    path = os.fspath(path)
-    _refuse_existing(path)
+    path = new_output_path(path)
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     exported = jax.export.export(jax.jit(logits_fn(model, variables)), platforms=tuple(platforms))(images)
@@ -71,8 +67,7 @@ def export_savedmodel(
     from res2net_jax.input_pipeline import hide_tf_from_accelerators
 
     hide_tf_from_accelerators()
-    directory = os.fspath(directory)
-    _refuse_existing(directory)
+    directory = new_output_path(directory)
     converted = jax2tf.convert(
         logits_fn(model, variables),
         polymorphic_shapes=[f"(batch, {image_size}, {image_size}, 3)"],

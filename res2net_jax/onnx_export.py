@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal
 
+from res2net_jax.convert import new_output_path
+
 OPSET = 17
 _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min"}
 _TO_NCHW, _TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
@@ -184,9 +186,7 @@ def export_onnx(model: nn.Module, variables: Any, image_size: int, path: str | o
     as an ONNX model with the weights as initializers."""
     import onnx
 
-    path = os.fspath(path)
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists: choose a new output path, or delete it first")
+    path = new_output_path(path)
     leaves, tree = jax.tree.flatten(variables)
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)

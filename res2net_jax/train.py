@@ -81,6 +81,7 @@ def compute_dtype(config: ml_collections.ConfigDict, devices: list[jax.Device]) 
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> nn.Module:
+    """The configured model, its BN statistics synchronised over the data-parallel axis."""
     return create_model(
         config.model, num_classes=num_classes, dtype=dtype, axis_name=AXIS, **dict(config.model_overrides)
     )
@@ -177,6 +178,7 @@ def mix_batch(
 
 
 def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """One-hot targets with label smoothing: 1 - smoothing + smoothing / K on the label."""
     return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
 
