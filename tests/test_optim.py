@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from configs import default
-from res2net_jax import train
+from res2net_jax import steps
 
 
 def _config(**fields):
@@ -23,7 +23,7 @@ def _config(**fields):
 
 def test_cosine_schedule_with_warmup_by_hand() -> None:
     config = _config(learning_rate=0.1, warmup_epochs=2.0, lr_schedule="cosine", min_lr=0.001)
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=10, total_steps=120)
+    schedule = steps.learning_rate_schedule(config, steps_per_epoch=10, total_steps=120)
     assert float(schedule(0)) == 0.0
     assert math.isclose(float(schedule(10)), 0.05, rel_tol=1e-6)
     assert math.isclose(float(schedule(20)), 0.1, rel_tol=1e-6)
@@ -35,12 +35,12 @@ def test_cosine_schedule_with_warmup_by_hand() -> None:
 
 def test_step_and_constant_schedules_by_hand() -> None:
     config = _config(learning_rate=0.1, warmup_epochs=0.0, lr_schedule="step", lr_decay_epochs=30.0)
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=10, total_steps=1400)
+    schedule = steps.learning_rate_schedule(config, steps_per_epoch=10, total_steps=1400)
     assert [round(float(schedule(s)), 8) for s in (0, 299, 300, 599, 600, 900)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.0001]
     config = _config(learning_rate=0.3, warmup_epochs=0.0, lr_schedule="constant")
-    assert float(train.learning_rate_schedule(config, 10, 100)(77)) == pytest.approx(0.3)
+    assert float(steps.learning_rate_schedule(config, 10, 100)(77)) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="unknown lr_schedule"):
-        train.learning_rate_schedule(_config(lr_schedule="linear"), 10, 100)
+        steps.learning_rate_schedule(_config(lr_schedule="linear"), 10, 100)
 
 
 def _params(seed: int) -> dict:
@@ -63,7 +63,7 @@ def _params(seed: int) -> dict:
 def test_optimizers_match_torch(name: str, torch_optimizer) -> None:
     """Three updates with decay on every weight (decay_bn_and_bias) equal PyTorch's."""
     config = _config(optimizer=name, learning_rate=0.1, momentum=0.9, weight_decay=0.01, decay_bn_and_bias=True)
-    tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+    tx = steps.create_optimizer(config, optax.constant_schedule(0.1))
     params = jax.tree.map(jnp.asarray, _params(0))
     state = tx.init(params)
     reference = {k: torch.nn.Parameter(torch.from_numpy(np.array(v[next(iter(v))]))) for k, v in _params(0).items()}
@@ -80,10 +80,10 @@ def test_optimizers_match_torch(name: str, torch_optimizer) -> None:
 
 
 def test_weight_decay_skips_bn_and_bias_by_default() -> None:
-    mask = train.weight_decay_mask(jax.tree.map(jnp.asarray, _params(0)), decay_bn_and_bias=False)
+    mask = steps.weight_decay_mask(jax.tree.map(jnp.asarray, _params(0)), decay_bn_and_bias=False)
     assert mask == {"conv": {"kernel": True}, "bn": {"scale": False}}
     config = _config(optimizer="momentum", weight_decay=0.5, learning_rate=1.0, momentum=0.0)
-    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    tx = steps.create_optimizer(config, optax.constant_schedule(1.0))
     params = jax.tree.map(jnp.asarray, _params(0))
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
@@ -93,7 +93,7 @@ def test_weight_decay_skips_bn_and_bias_by_default() -> None:
 
 def test_gradient_accumulation_and_clipping() -> None:
     config = _config(optimizer="sgd", weight_decay=0.0, grad_accum_steps=2, grad_clip_norm=0.0)
-    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    tx = steps.create_optimizer(config, optax.constant_schedule(1.0))
     params = jax.tree.map(jnp.asarray, _params(0))
     state = tx.init(params)
     g1, g2 = jax.tree.map(jnp.asarray, _params(1)), jax.tree.map(jnp.asarray, _params(2))
@@ -103,7 +103,7 @@ def test_gradient_accumulation_and_clipping() -> None:
     expected = jax.tree.map(lambda a, b: -(a + b) / 2, g1, g2)
     for ours, theirs in zip(jax.tree.leaves(second), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
-    clipped = train.create_optimizer(_config(optimizer="sgd", weight_decay=0.0, grad_clip_norm=1.0),
+    clipped = steps.create_optimizer(_config(optimizer="sgd", weight_decay=0.0, grad_clip_norm=1.0),
                                      optax.constant_schedule(1.0))  # fmt: skip
     updates, _ = clipped.update(g1, clipped.init(params), params)
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
@@ -114,7 +114,7 @@ def test_mixup_and_cutmix_keep_labels_consistent(mixup: float, cutmix: float) ->
     config = _config(mixup_alpha=mixup, cutmix_alpha=cutmix)
     images = jnp.asarray(np.random.RandomState(0).randn(6, 16, 16, 3).astype(np.float32))
     targets = jax.nn.one_hot(jnp.arange(6), 6)
-    mixed, mixed_targets = train.mix_batch(jax.random.key(3), images, targets, config)
+    mixed, mixed_targets = steps.mix_batch(jax.random.key(3), images, targets, config)
     np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)
     lam = float(mixed_targets[0, 0])  # example 0 is paired with example 5
     assert mixed_targets[0, 5] == pytest.approx(1 - lam, abs=1e-6)
@@ -131,7 +131,7 @@ def test_lamb_first_step_by_hand() -> None:
     """LAMB's first step: bias-corrected Adam direction g / (|g| + eps) plus decay, scaled per layer by
     the trust ratio ||w|| / ||direction||."""
     config = _config(optimizer="lamb", weight_decay=0.01, decay_bn_and_bias=True)
-    tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+    tx = steps.create_optimizer(config, optax.constant_schedule(0.1))
     params = jax.tree.map(jnp.asarray, _params(0))
     grads = jax.tree.map(jnp.asarray, _params(1))
     updates, _ = tx.update(grads, tx.init(params), params)

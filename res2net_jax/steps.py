@@ -1,0 +1,238 @@
+"""The functional core of training: state, optimiser, schedules, on-device augmentation and the steps.
+
+Pure functions over pytrees, with no input pipeline, I/O, TensorFlow or ml_collections import, so
+that benchmarks (on machines with JAX alone) can build the same step `res2net_jax.train` runs. The
+step is written for one device with named-axis collectives (gradient mean, synchronised BN
+statistics over axis 'batch') and mapped over a 1-D mesh of all devices with `jax.shard_map` inside
+`jax.jit`: the pmap programming model on the current JAX API.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from res2net_jax.registry import create_model
+
+if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; only their fields are read here
+    import ml_collections
+
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs: weights, BN statistics, optimiser, EMA and the RNG."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any
+    rng: jax.Array  # raw key data, so it checkpoints as a plain array
+
+
+# --- Model -----------------------------------------------------------------------------------
+
+
+def compute_dtype(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> Any:
+    """bfloat16 on GPU/TPU and float32 on CPU by default; config.dtype overrides."""
+    if config.dtype == "auto":
+        return jnp.bfloat16 if devices[0].platform in ("gpu", "tpu") else jnp.float32
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> nn.Module:
+    """The configured model, its BN statistics synchronised over the data-parallel axis."""
+    return create_model(
+        config.model, num_classes=num_classes, dtype=dtype, axis_name=AXIS, **dict(config.model_overrides)
+    )
+
+
+# --- Optimiser --------------------------------------------------------------------------------
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup, then cosine to min_lr, step decay every lr_decay_epochs, or constant."""
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    peak = config.learning_rate
+    if config.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(
+            peak, max(total_steps - warmup, 1), alpha=config.min_lr / peak if peak else 0
+        )
+    elif config.lr_schedule == "step":
+        boundaries = int(config.lr_decay_epochs * steps_per_epoch)
+        main = optax.exponential_decay(peak, boundaries, config.lr_decay_rate, staircase=True)
+    elif config.lr_schedule == "constant":
+        main = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}: use 'cosine', 'step' or 'constant'")
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
+    """True where weight decay applies: every weight, or only conv/dense kernels."""
+    return jax.tree.map(lambda p: decay_bn_and_bias or p.ndim > 1, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """SGD (plain, momentum, Nesterov), AdamW or LAMB; clipping, weight decay, gradient accumulation."""
+    mask = functools.partial(weight_decay_mask, decay_bn_and_bias=config.decay_bn_and_bias)
+    wd = config.weight_decay
+    name = config.optimizer
+    if name in ("sgd", "momentum", "nesterov"):
+        # PyTorch-style SGD weight decay: added to the gradient before momentum.
+        momentum = None if name == "sgd" else config.momentum
+        tx = optax.chain(
+            optax.add_decayed_weights(wd, mask),
+            optax.sgd(schedule, momentum=momentum, nesterov=name == "nesterov"),
+        )
+    elif name == "adamw":
+        tx = optax.adamw(schedule, weight_decay=wd, mask=mask)
+    elif name == "lamb":
+        tx = optax.lamb(schedule, weight_decay=wd, mask=mask)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: use sgd, momentum, nesterov, adamw or lamb")
+    if config.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if config.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    return tx
+
+
+# --- Loss and augmentation on device ----------------------------------------------------------
+
+
+def mix_batch(
+    rng: jax.Array, images: jax.Array, targets: jax.Array, config: ml_collections.ConfigDict
+) -> tuple[jax.Array, jax.Array]:
+    """timm-style batch mixup / cutmix: pair each example with the batch reversed.
+
+    With both enabled, cutmix is chosen with probability mix_switch_prob. Applied to the global
+    batch, so the result does not depend on how many devices share it.
+    """
+    use_mixup, use_cutmix = config.mixup_alpha > 0, config.cutmix_alpha > 0
+    if not (use_mixup or use_cutmix):
+        return images, targets
+    lam_rng, switch_rng, box_rng = jax.random.split(rng, 3)
+    if use_mixup and use_cutmix:
+        cutmix = jax.random.uniform(switch_rng) < config.mix_switch_prob
+    else:
+        cutmix = jnp.asarray(use_cutmix)
+    alpha = jnp.where(cutmix, config.cutmix_alpha or 1.0, config.mixup_alpha or 1.0)
+    lam = jax.random.beta(lam_rng, alpha, alpha)
+    flipped = jnp.flip(images, axis=0)
+    height, width = images.shape[1:3]
+    cut_h = (height * jnp.sqrt(1 - lam)).astype(jnp.int32)
+    cut_w = (width * jnp.sqrt(1 - lam)).astype(jnp.int32)
+    cy = jax.random.randint(box_rng, (), 0, height)
+    cx = jax.random.randint(jax.random.fold_in(box_rng, 1), (), 0, width)
+    y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
+    x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+    rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    box_lam = 1 - (y1 - y0) * (x1 - x0) / (height * width)
+    mixed = jnp.where(cutmix, jnp.where(box[None, :, :, None], flipped, images), lam * images + (1 - lam) * flipped)
+    lam = jnp.where(cutmix, box_lam, lam)
+    return mixed.astype(images.dtype), lam * targets + (1 - lam) * jnp.flip(targets, axis=0)
+
+
+def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """One-hot targets with label smoothing: 1 - smoothing + smoothing / K on the label."""
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+
+
+# --- Steps ------------------------------------------------------------------------------------
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """A jitted step over the global batch; the state is replicated, the batch split over devices."""
+    num_classes = model.num_classes
+    ema_decay = config.ema_decay
+
+    def per_device(state: TrainState, images: jax.Array, targets: jax.Array) -> tuple[TrainState, dict]:
+        def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
+            )
+            # The mean over the global batch. Params are replicated (invariant over AXIS), so autodiff
+            # sums their gradient over devices: the gradient of this mean is already the global one.
+            loss = jax.lax.pmean(jnp.mean(optax.softmax_cross_entropy(logits, targets)), AXIS)
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if ema_decay > 0:
+            ema = functools.partial(optax.incremental_update, step_size=1 - ema_decay)
+            ema_params, ema_batch_stats = ema(params, state.ema_params), ema(batch_stats, state.ema_batch_stats)
+        else:
+            ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            ema_params=ema_params,
+            ema_batch_stats=ema_batch_stats,
+        )
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        targets = smoothed_one_hot(batch["label"], num_classes, config.label_smoothing)
+        images, targets = mix_batch(rng, batch["image"].astype(model.dtype), targets, config)
+        return sharded(state, images, targets)
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, dict], dict]:
+    """A jitted function from variables and a masked global batch to metric sums."""
+
+    @jax.jit
+    def eval_step(variables: Any, batch: dict) -> dict:
+        logits = model.apply(variables, batch["image"].astype(model.dtype), train=False)
+        labels, mask = batch["label"], batch["mask"]
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # top-5 is top-all with fewer classes
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {
+            "top1": jnp.sum((top5[:, 0] == labels) * mask),
+            "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+            "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step
+
+
+def init_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, variables: Any) -> TrainState:
+    """Step 0 from initial variables: a fresh optimiser state, the EMA (if any) and the seeded RNG."""
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    with_ema = config.ema_decay > 0
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        # Copies: the step donates the state, and one buffer cannot be donated twice.
+        ema_params=jax.tree.map(jnp.copy, params) if with_ema else None,
+        ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if with_ema else None,
+        rng=jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)),
+    )
