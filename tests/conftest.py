@@ -28,6 +28,16 @@ _TIMM_BUILDERS = {
 }
 
 
+# The longest files, longest first: pytest-xdist hands out whole files (--dist loadfile) in collection
+# order, so starting these early lets both workers finish together.
+SLOWEST_FIRST = ("test_train.py", "test_parity.py", "test_quickstart.py", "test_mindspore.py", "test_notebooks.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def timm_model(name: str, seed: int = 0, num_classes: int = 1000) -> torch.nn.Module:
     """The timm network for `name` with random weights AND random BN statistics and affine params.
 

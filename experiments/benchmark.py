@@ -1,0 +1,298 @@
+"""Training and inference speed of res2net_jax (jit and eager) and timm (eager and torch.compile) on one device.
+
+    PYTHONPATH=. python experiments/benchmark.py --out=experiments/results/h100.json  # seed's four, batch 256
+    PYTHONPATH=. python experiments/benchmark.py --models=res2net50 --batch=8 --image_size=64 \\
+        --layers=1,1,1,1 --steps=2 --out=/tmp/tiny.json                                # a CPU smoke run
+
+It imports neither TensorFlow nor ml_collections, so it runs where JAX, Flax, optax, torch and timm
+are installed (the lent GPU machines' image).
+
+Each (framework, model) runs in its own process, so that JAX and PyTorch do not share the device's
+memory and each peak is its own. Data are synthetic and already on the device: the input pipeline is
+not timed. Both frameworks train with the same optimiser (SGD, momentum 0.9, weight decay 1e-4,
+label smoothing 0.1) in bfloat16 compute on accelerators (timm: autocast and channels_last) and
+float32 on CPUs. JAX eager mode runs op by op under `jax.disable_jit()`, the counterpart of
+MindSpore's PyNative mode; jit is the counterpart of its Graph mode. Writes one JSON file:
+`models.<name>.{jit, eager, timm_eager, timm_compiled}` with train_img_s, s_per_epoch (ImageNet's
+1,281,167 images), infer_b256_img_s (at --batch), infer_b32_ms, infer_b1_ms, compile_s, peak_mem_gb.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags
+
+IMAGENET_TRAIN = 1_281_167
+SEED_MODELS = "res2net50,res2net101,res2net50_v1b,res2net101_v1b"
+
+_MODELS = flags.DEFINE_string("models", SEED_MODELS, "Comma-separated registered names.")
+_MODES = flags.DEFINE_list("modes", ["jit", "eager", "timm_eager", "timm_compiled"], "What to measure.")
+_BATCH = flags.DEFINE_integer("batch", 256, "Training and throughput batch size.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (jit / compiled); eager modes time max(1, steps // 10).")
+_LAYERS = flags.DEFINE_list("layers", [], "Blocks per stage instead of the model's own (smoke runs).")
+_OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
+_WORKER = flags.DEFINE_string("worker", None, "Internal: measure one 'framework:model' and print JSON.")
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int) -> float:
+    """Seconds per call, after one untimed call."""
+    sync(fn())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    sync(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def _latency_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int) -> float:
+    """Median milliseconds of synchronised calls, after one untimed call."""
+    sync(fn())
+    times = []
+    for _ in range(max(repeats, 3)):
+        start = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+# --- JAX ------------------------------------------------------------------------------------------
+
+
+def _jax(name: str, eager: bool) -> dict[str, Any]:
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from res2net_jax import create_model, steps
+
+    device = jax.devices()[0]
+    dtype = jnp.bfloat16 if device.platform in ("gpu", "tpu") else jnp.float32
+    overrides = {"layers": tuple(int(n) for n in _LAYERS.value)} if _LAYERS.value else {}
+    model = create_model(name, dtype=dtype, axis_name=steps.AXIS, **overrides)
+    config = types.SimpleNamespace(  # the fields the step and optimiser read; timm gets the same recipe
+        optimizer="momentum", momentum=0.9, weight_decay=1e-4, decay_bn_and_bias=False, grad_clip_norm=0.0,
+        grad_accum_steps=1, label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0, mix_switch_prob=0.5,
+        ema_decay=0.0, seed=0,
+    )  # fmt: skip
+    size, batch = _IMAGE_SIZE.value, _BATCH.value
+    tx = steps.create_optimizer(config, optax.constant_schedule(0.1))
+    mesh = jax.sharding.Mesh(np.array([device]), (steps.AXIS,))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    state = steps.init_train_state(config, tx, variables)
+    rng = np.random.RandomState(0)
+    pool = jax.device_put(rng.randn(max(batch, 32), size, size, 3).astype(np.float32), device)
+    data = {"image": pool[:batch], "label": jax.device_put(rng.randint(0, 1000, batch).astype(np.int32), device)}
+    if eager:  # shard_map run op by op goes device by device through its own machinery: time the bare step
+        model = create_model(name, dtype=dtype, **overrides)
+        train_step = _plain_train_step(model, tx, config.label_smoothing)
+    else:
+        train_step = steps.make_train_step(model, tx, config, mesh)
+    infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    repeats = max(1, _STEPS.value // 10) if eager else _STEPS.value
+
+    def sync(out: Any) -> Any:
+        return jax.block_until_ready(out)
+
+    holder = {"state": state}
+
+    def train() -> Any:
+        holder["state"], metrics = train_step(holder["state"], data)
+        return metrics["loss"]
+
+    with jax.disable_jit(eager):
+        start = time.perf_counter()
+        sync(train())  # compiles under jit
+        compile_s = time.perf_counter() - start
+        step_s = _timed(train, sync, repeats)
+        inference = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
+        images = {n: pool[:n] for n in {1, 32, batch}}
+        infer_s = _timed(lambda: infer(inference, images[batch]), sync, repeats)
+        b32_ms = _latency_ms(lambda: infer(inference, images[32]), sync, repeats)
+        b1_ms = _latency_ms(lambda: infer(inference, images[1]), sync, repeats)
+    stats = device.memory_stats() or {}
+    return {
+        "train_img_s": batch / step_s,
+        "s_per_epoch": IMAGENET_TRAIN * step_s / batch,
+        "infer_b256_img_s": batch / infer_s,
+        "infer_b32_ms": b32_ms,
+        "infer_b1_ms": b1_ms,
+        "compile_s": None if eager else compile_s,
+        "peak_mem_gb": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
+    }
+
+
+def _plain_train_step(model: Any, tx: Any, label_smoothing: float) -> Callable[[Any, dict], tuple[Any, dict]]:
+    """The train step's loss and update on one device without `shard_map`, for eager mode."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from res2net_jax import steps
+
+    def train_step(state: Any, batch: dict) -> tuple[Any, dict]:
+        targets = steps.smoothed_one_hot(batch["label"], model.num_classes, label_smoothing)
+
+        def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            logits, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+            return jnp.mean(optax.softmax_cross_entropy(logits, targets)), updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), {
+            "loss": loss
+        }
+
+    return train_step
+
+
+# --- timm -----------------------------------------------------------------------------------------
+
+
+def _timm(name: str, compiled: bool) -> dict[str, Any]:
+    import timm
+    import torch
+
+    from res2net_jax import get_spec
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    overrides = {"layers": [int(n) for n in _LAYERS.value]} if _LAYERS.value else {}
+    model = timm.create_model(get_spec(name).name, **overrides).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    size, batch = _IMAGE_SIZE.value, _BATCH.value
+    pool = torch.randn(max(batch, 32), 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    images = pool[:batch]
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    forward = torch.compile(model) if compiled else model
+    repeats = _STEPS.value if compiled else max(1, _STEPS.value // 10)
+
+    def sync(out: Any) -> Any:
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    def train() -> Any:
+        with autocast:
+            loss = loss_fn(forward(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def infer(n: int) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.no_grad(), autocast:
+                return forward(pool[:n])
+
+        return run
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    start = time.perf_counter()
+    sync(train())
+    compile_s = time.perf_counter() - start
+    step_s = _timed(train, sync, repeats)
+    model.eval()
+    infer_s = _timed(infer(batch), sync, repeats)
+    b32_ms, b1_ms = _latency_ms(infer(32), sync, repeats), _latency_ms(infer(1), sync, repeats)
+    return {
+        "train_img_s": batch / step_s,
+        "s_per_epoch": IMAGENET_TRAIN * step_s / batch,
+        "infer_b256_img_s": batch / infer_s,
+        "infer_b32_ms": b32_ms,
+        "infer_b1_ms": b1_ms,
+        "compile_s": compile_s if compiled else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    }
+
+
+# --- Driver ---------------------------------------------------------------------------------------
+
+_MEASURE = {
+    "jit": lambda name: _jax(name, eager=False),
+    "eager": lambda name: _jax(name, eager=True),
+    "timm_eager": lambda name: _timm(name, compiled=False),
+    "timm_compiled": lambda name: _timm(name, compiled=True),
+}
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("jax", "jaxlib", "flax", "optax", "torch", "timm"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _card() -> str:
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, check=True).stdout.split("\n")  # fmt: skip
+        return names[0].strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _WORKER.value:
+        mode, name = _WORKER.value.split(":")
+        print("RESULT " + json.dumps(_MEASURE[mode](name)))
+        return
+    unknown = sorted(set(_MODES.value) - set(_MEASURE))
+    if unknown:
+        raise app.UsageError(f"unknown --modes {', '.join(unknown)}: choose from {', '.join(_MEASURE)}")
+    if os.path.exists(_OUT.value):
+        raise app.UsageError(f"{_OUT.value} exists: choose a new --out, or delete it first")
+    passed = [a for a in sys.argv[1:] if not a.startswith(("--out", "--modes", "--models"))]
+    results: dict[str, Any] = {}
+    for name in _MODELS.value.split(","):
+        results[name] = {}
+        for mode in _MODES.value:
+            done = subprocess.run([sys.executable, __file__, f"--worker={mode}:{name}", f"--out={_OUT.value}",
+                                   *passed], capture_output=True, text=True)  # fmt: skip
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                raise RuntimeError(f"{mode} on {name} failed:\n{done.stderr[-3000:]}")
+            results[name][mode] = json.loads(lines[-1].removeprefix("RESULT "))
+            print(f"{name} {mode}: {results[name][mode]}", flush=True)
+    report = {
+        "card": _card(),
+        "date": datetime.date.today().isoformat(),
+        "versions": _versions(),
+        "settings": {
+            "batch": _BATCH.value,
+            "image_size": _IMAGE_SIZE.value,
+            "steps": _STEPS.value,
+            "layers": _LAYERS.value or "the model's own",
+        },  # fmt: skip
+        "models": results,
+    }
+    with open(_OUT.value, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
