@@ -129,3 +129,29 @@ def test_dataset_errors_say_what_to_do(tmp_path) -> None:
     with pytest.raises(ValueError, match="has no split 'valid'"):
         config = _config(str(tmp_path.parent / "digits"), eval_split="valid")
         input_pipeline.dataset_info(input_pipeline.get_builder(config), config)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_crop_decoding_equals_decoding_the_whole_image(mode: str) -> None:
+    """Training decodes only the crop window of a JPEG; the result must equal decoding everything and
+    cropping after (the path PNGs take), fed the very pixels the JPEG decodes to. libjpeg upsamples
+    chroma at a window's left edge from fewer neighbours when the edge falls inside a block: about
+    1% of the crop's values move (by up to 16 levels of 255, measured). So: the same window, and
+    the resized outputs equal but for a few edge values."""
+    import io
+
+    coarse = np.random.RandomState(0).randint(0, 256, (30, 40, 3), dtype=np.uint8)
+    picture = Image.fromarray(coarse).resize((333, 250), Image.BILINEAR).convert(mode)
+    jpeg = io.BytesIO()
+    picture.save(jpeg, format="JPEG", quality=90)
+    decoded = tf.io.decode_image(jpeg.getvalue(), channels=3).numpy()
+    png = io.BytesIO()
+    Image.fromarray(decoded).save(png, format="PNG")
+    config = _config("", image_size=64, color_jitter=0.0, random_erasing=0.0, hflip=False)
+    config.crop_scale = (0.08, 1.0)
+    for seed in range(8):
+        seed_tensor = tf.constant([seed, 7], tf.int64)
+        from_jpeg = input_pipeline.preprocess_train(tf.constant(jpeg.getvalue()), seed_tensor, config).numpy()
+        from_png = input_pipeline.preprocess_train(tf.constant(png.getvalue()), seed_tensor, config).numpy()
+        levels = np.abs(from_jpeg - from_png) * np.array(input_pipeline.IMAGENET_STD) * 255
+        assert np.mean(levels > 2) < 0.03 and levels.mean() < 0.5, (seed, np.mean(levels > 2), levels.mean())
