@@ -15,20 +15,22 @@ float32 on CPUs. JAX eager mode runs op by op under `jax.disable_jit()`, the cou
 MindSpore's PyNative mode; jit is the counterpart of its Graph mode. Writes one JSON file:
 `models.<name>.{jit, eager, timm_eager, timm_compiled}` with train_img_s, s_per_epoch (ImageNet's
 1,281,167 images), infer_b256_img_s (at --batch), infer_b32_ms, infer_b1_ms, compile_s, peak_mem_gb.
+
+Roofline: jit also records XLA's FLOP count per image of the forward pass and of the whole train
+step, and the TFLOP/s the train step reaches as a fraction of `matmul_peak_tflop_s`, the card's peak
+measured here on a large matrix product in the compute dtype.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import report
 from absl import app, flags
 
 IMAGENET_TRAIN = 1_281_167
@@ -41,7 +43,8 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (jit / compiled); eager modes time max(1, steps // 10).")
 _LAYERS = flags.DEFINE_list("layers", [], "Blocks per stage instead of the model's own (smoke runs).")
 _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
-_WORKER = flags.DEFINE_string("worker", None, "Internal: measure one 'framework:model' and print JSON.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: measure one 'mode:model' (or 'peak:') and print JSON.")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "timm")
 
 
 def _timed(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int) -> float:
@@ -63,6 +66,22 @@ def _latency_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int)
         sync(fn())
         times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[len(times) // 2]
+
+
+def _figures(
+    batch: int, step_s: float, infer_s: float, b32_ms: float, b1_ms: float, compile_s: float | None,
+    peak_mem_gb: float | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The fields every mode reports, from its timings."""
+    return {
+        "train_img_s": batch / step_s,
+        "s_per_epoch": IMAGENET_TRAIN * step_s / batch,
+        "infer_b256_img_s": batch / infer_s,
+        "infer_b32_ms": b32_ms,
+        "infer_b1_ms": b1_ms,
+        "compile_s": compile_s,
+        "peak_mem_gb": peak_mem_gb,
+    }
 
 
 # --- JAX ------------------------------------------------------------------------------------------
@@ -123,15 +142,35 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
         b32_ms = _latency_ms(lambda: infer(inference, images[32]), sync, repeats)
         b1_ms = _latency_ms(lambda: infer(inference, images[1]), sync, repeats)
     stats = device.memory_stats() or {}
-    return {
-        "train_img_s": batch / step_s,
-        "s_per_epoch": IMAGENET_TRAIN * step_s / batch,
-        "infer_b256_img_s": batch / infer_s,
-        "infer_b32_ms": b32_ms,
-        "infer_b1_ms": b1_ms,
-        "compile_s": None if eager else compile_s,
-        "peak_mem_gb": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-    }
+    peak_mem = stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+    figures = _figures(batch, step_s, infer_s, b32_ms, b1_ms, None if eager else compile_s, peak_mem)
+    if not eager:  # XLA's count of the program before optimisation, so the same on every backend
+        forward = infer.lower(inference, images[1]).cost_analysis()["flops"]
+        train_flops = train_step.lower(holder["state"], data).cost_analysis()["flops"] / batch
+        figures.update(flops_forward_per_img=forward, flops_train_per_img=train_flops,
+                       train_tflop_s=train_flops * figures["train_img_s"] / 1e12)  # fmt: skip
+    return figures
+
+
+def _matmul_peak() -> dict[str, Any]:
+    """TFLOP/s of a chain of large square matrix products in the compute dtype: the card's usable peak."""
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    accelerator = device.platform in ("gpu", "tpu")
+    dtype, n, chain = (jnp.bfloat16, 8192, 20) if accelerator else (jnp.float32, 1024, 4)
+    keys = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(keys[0], (n, n), dtype)
+    w = (jax.random.normal(keys[1], (n, n)) / n**0.5).astype(dtype)  # keeps the chain's scale
+
+    @jax.jit
+    def products(x: jax.Array) -> jax.Array:
+        return jax.lax.fori_loop(0, chain, lambda _, y: y @ w, x)
+
+    seconds = _timed(lambda: products(x), jax.block_until_ready, 5)
+    tflop_s = 2 * n**3 * chain / seconds / 1e12
+    return {"matmul_peak_tflop_s": tflop_s, "matmul_dtype": jnp.dtype(dtype).name, "matmul_n": n}
 
 
 def _plain_train_step(model: Any, tx: Any, label_smoothing: float) -> Callable[[Any, dict], tuple[Any, dict]]:
@@ -213,15 +252,8 @@ def _timm(name: str, compiled: bool) -> dict[str, Any]:
     model.eval()
     infer_s = _timed(infer(batch), sync, repeats)
     b32_ms, b1_ms = _latency_ms(infer(32), sync, repeats), _latency_ms(infer(1), sync, repeats)
-    return {
-        "train_img_s": batch / step_s,
-        "s_per_epoch": IMAGENET_TRAIN * step_s / batch,
-        "infer_b256_img_s": batch / infer_s,
-        "infer_b32_ms": b32_ms,
-        "infer_b1_ms": b1_ms,
-        "compile_s": compile_s if compiled else None,
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-    }
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return _figures(batch, step_s, infer_s, b32_ms, b1_ms, compile_s if compiled else None, peak_mem)
 
 
 # --- Driver ---------------------------------------------------------------------------------------
@@ -234,23 +266,15 @@ _MEASURE = {
 }
 
 
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("jax", "jaxlib", "flax", "optax", "torch", "timm"):
-        try:
-            versions[package] = __import__(package).__version__
-        except ImportError:
-            versions[package] = "not installed"
-    return versions
-
-
-def _card() -> str:
-    try:
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True, check=True).stdout.split("\n")  # fmt: skip
-        return names[0].strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+def _run_worker(task: str) -> dict[str, Any]:
+    """Runs one measurement in a fresh process and returns its figures."""
+    passed = [a for a in sys.argv[1:] if not a.startswith(("--out", "--modes", "--models"))]
+    done = subprocess.run([sys.executable, __file__, f"--worker={task}", f"--out={_OUT.value}", *passed],
+                          capture_output=True, text=True)  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{task} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def main(argv: list[str]) -> None:
@@ -258,40 +282,28 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _WORKER.value:
         mode, name = _WORKER.value.split(":")
-        print("RESULT " + json.dumps(_MEASURE[mode](name)))
+        print("RESULT " + json.dumps(_matmul_peak() if mode == "peak" else _MEASURE[mode](name)))
         return
     unknown = sorted(set(_MODES.value) - set(_MEASURE))
     if unknown:
         raise app.UsageError(f"unknown --modes {', '.join(unknown)}: choose from {', '.join(_MEASURE)}")
-    if os.path.exists(_OUT.value):
-        raise app.UsageError(f"{_OUT.value} exists: choose a new --out, or delete it first")
-    passed = [a for a in sys.argv[1:] if not a.startswith(("--out", "--modes", "--models"))]
+    try:
+        report.refuse_existing(_OUT.value)
+    except FileExistsError as error:
+        raise app.UsageError(str(error)) from None
+    peak = _run_worker("peak:") if "jit" in _MODES.value else {}
     results: dict[str, Any] = {}
     for name in _MODELS.value.split(","):
         results[name] = {}
         for mode in _MODES.value:
-            done = subprocess.run([sys.executable, __file__, f"--worker={mode}:{name}", f"--out={_OUT.value}",
-                                   *passed], capture_output=True, text=True)  # fmt: skip
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                raise RuntimeError(f"{mode} on {name} failed:\n{done.stderr[-3000:]}")
-            results[name][mode] = json.loads(lines[-1].removeprefix("RESULT "))
+            results[name][mode] = _run_worker(f"{mode}:{name}")
             print(f"{name} {mode}: {results[name][mode]}", flush=True)
-    report = {
-        "card": _card(),
-        "date": datetime.date.today().isoformat(),
-        "versions": _versions(),
-        "settings": {
-            "batch": _BATCH.value,
-            "image_size": _IMAGE_SIZE.value,
-            "steps": _STEPS.value,
-            "layers": _LAYERS.value or "the model's own",
-        },  # fmt: skip
-        "models": results,
-    }
-    with open(_OUT.value, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {_OUT.value}")
+        if peak and "jit" in results[name]:
+            jit = results[name]["jit"]
+            jit["peak_fraction"] = jit["train_tflop_s"] / peak["matmul_peak_tflop_s"]
+    settings = {"batch": _BATCH.value, "image_size": _IMAGE_SIZE.value, "steps": _STEPS.value,
+                "layers": _LAYERS.value or "the model's own"}  # fmt: skip
+    report.write(_OUT.value, PACKAGES, settings, **peak, models=results)
 
 
 if __name__ == "__main__":

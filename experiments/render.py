@@ -1,10 +1,12 @@
 """Renders a benchmark JSON as the seed's performance table (markdown) and a bar chart (PNG).
 
     python experiments/render.py experiments/results/h100.json   # writes h100.md and h100.png beside it
+    python experiments/render.py experiments/results/h100.json experiments/results/imagenet_val.json
 
-Top-1/Top-5 are the published figures of the converted weights (timm's ImageNet validation), marked
-as such: converted weights reproduce timm's logits, so the figures carry over until
-experiments/ measures them on ImageNet itself.
+Top-1/Top-5 come from an accuracy JSON of experiments/imagenet_accuracy.py when one is given; else
+they are the published figures of the converted weights (timm's ImageNet validation), marked as
+such: converted weights reproduce timm's logits, so the figures carry over. Below the seed's table
+come the speed ratios against timm (the targets of the benchmark issue) and the roofline.
 """
 
 from __future__ import annotations
@@ -21,10 +23,22 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def table(report: dict[str, Any]) -> str:
-    """The seed's columns: accuracy, train s/epoch and inference ms per batch of 32, per mode."""
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    return "-" if numerator is None or not denominator else f"{numerator / denominator:.2f}x"
+
+
+def _accuracy(name: str, measured: dict[str, Any] | None) -> list[str]:
     from res2net_jax import get_spec
 
+    if measured and name in measured["models"]:
+        return [f"{measured['models'][name]['top1']:.2f}", f"{measured['models'][name]['top5']:.2f}"]
+    spec = get_spec(name)
+    return [f"{spec.top1:.2f}*", f"{spec.top5:.2f}*"] if spec.top1 else ["-", "-"]
+
+
+def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str:
+    """The seed's columns (accuracy, train s/epoch, inference ms per batch of 32, per mode), the
+    ratios against timm and the roofline."""
     settings = report["settings"]
     lines = [
         f"{report['card']}, {report['date']}, batch {settings['batch']}, {settings['image_size']} px; "
@@ -35,26 +49,62 @@ def table(report: dict[str, Any]) -> str:
         "|---" * (3 + 2 * len(MODES)) + "|",
     ]  # fmt: skip
     for name, modes in report["models"].items():
-        spec = get_spec(name)
-        accuracy = [f"{spec.top1:.2f}*", f"{spec.top5:.2f}*"] if spec.top1 else ["-", "-"]
         epochs = [_number(modes.get(mode, {}).get("s_per_epoch"), 0) for mode, _ in MODES]
         latency = [_number(modes.get(mode, {}).get("infer_b32_ms")) for mode, _ in MODES]
-        lines.append(f"| {name} | " + " | ".join(accuracy + epochs + latency) + " |")
-    lines += ["", "\\* published ImageNet-1k figures of the converted timm weights, not measured here."]
+        lines.append(f"| {name} | " + " | ".join(_accuracy(name, measured) + epochs + latency) + " |")
+    if measured:
+        lines += ["", f"Top-1/top-5 measured on {measured['settings']['dataset']} ({measured['date']})."]
+    else:
+        lines += ["", "\\* published ImageNet-1k figures of the converted timm weights, not measured here."]
+    lines += [
+        "",
+        "JAX jit against timm (targets for res2net50 on a GPU: train >= 1.5x eager and >= 1.25x compiled, "
+        "inference >= 1.8x eager, batch-1 latency <= 0.5x eager, memory <= 1x):",
+        "",
+        f"| model | train / timm eager | train / timm compile | infer b{settings['batch']} / timm eager "
+        "| b1 latency / timm eager | peak memory / timm eager |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, modes in report["models"].items():
+        jit, eager, compiled = (modes.get(m, {}) for m in ("jit", "timm_eager", "timm_compiled"))
+        lines.append(
+            f"| {name} | {_ratio(jit.get('train_img_s'), eager.get('train_img_s'))} "
+            f"| {_ratio(jit.get('train_img_s'), compiled.get('train_img_s'))} "
+            f"| {_ratio(jit.get('infer_b256_img_s'), eager.get('infer_b256_img_s'))} "
+            f"| {_ratio(jit.get('infer_b1_ms'), eager.get('infer_b1_ms'))} "
+            f"| {_ratio(jit.get('peak_mem_gb'), eager.get('peak_mem_gb'))} |"
+        )
+    if "matmul_peak_tflop_s" in report:
+        lines += [
+            "",
+            f"Roofline: measured peak {report['matmul_peak_tflop_s']:.3g} TFLOP/s ({report['matmul_dtype']} matrix "
+            f"product, n = {report['matmul_n']}); FLOPs as counted by XLA.",
+            "",
+            "| model | GFLOPs / image (forward) | GFLOPs / image (train step) | train TFLOP/s | fraction of peak |",
+            "|---|---|---|---|---|",
+        ]  # fmt: skip
+        for name, modes in report["models"].items():
+            jit = modes.get("jit", {})
+            if "flops_train_per_img" in jit:
+                lines.append(
+                    f"| {name} | {jit['flops_forward_per_img'] / 1e9:.2f} | {jit['flops_train_per_img'] / 1e9:.2f} "
+                    f"| {jit['train_tflop_s']:.3g} | {jit['peak_fraction']:.1%} |"
+                )
     return "\n".join(lines) + "\n"
 
 
 def chart(report: dict[str, Any], path: str) -> None:
-    """Training images per second, one group of bars per model."""
+    """Training images per second, one group of bars per model, one bar per measured mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["models"])
+    measured = [(mode, label) for mode, label in MODES if any(mode in report["models"][n] for n in names)]
     fig, ax = plt.subplots(figsize=(2 + 2.2 * len(names), 3.6))
-    width = 0.8 / len(MODES)
-    for i, (mode, label) in enumerate(MODES):
+    width = 0.8 / len(measured)
+    for i, (mode, label) in enumerate(measured):
         values = [report["models"][n].get(mode, {}).get("train_img_s") or 0 for n in names]
         ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
@@ -66,15 +116,21 @@ def chart(report: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def main(path: str) -> None:
-    with open(path) as f:
+def main(paths: list[str]) -> None:
+    if len(paths) not in (1, 2):
+        raise SystemExit("usage: render.py BENCHMARK.json [ACCURACY.json]")
+    with open(paths[0]) as f:
         report = json.load(f)
-    stem = os.path.splitext(path)[0]
+    measured = None
+    if len(paths) == 2:
+        with open(paths[1]) as f:
+            measured = json.load(f)
+    stem = os.path.splitext(paths[0])[0]
     with open(f"{stem}.md", "w") as f:
-        f.write(table(report))
+        f.write(table(report, measured))
     chart(report, f"{stem}.png")
     print(f"wrote {stem}.md and {stem}.png")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

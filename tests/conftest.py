@@ -38,8 +38,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
-def timm_model(name: str, seed: int = 0, num_classes: int = 1000) -> torch.nn.Module:
-    """The timm network for `name` with random weights AND random BN statistics and affine params.
+def timm_model(name: str, seed: int = 0, num_classes: int = 1000, **overrides) -> torch.nn.Module:
+    """The timm network for `name` (architecture `overrides` such as layers passed to timm) with random
+    weights AND random BN statistics and affine params.
 
     Conv weights are rescaled per layer so activations stay O(1) through 150 layers, which keeps the
     relative-error comparison meaningful.
@@ -50,7 +51,7 @@ def timm_model(name: str, seed: int = 0, num_classes: int = 1000) -> torch.nn.Mo
         if num_classes != 1000:
             model.reset_classifier(num_classes)
     else:
-        model = timm.create_model(name, num_classes=num_classes)
+        model = timm.create_model(name, num_classes=num_classes, **overrides)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d):

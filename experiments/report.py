@@ -1,0 +1,63 @@
+"""What every result file in experiments/results/ records beside its figures: the card, date and versions.
+
+The scripts here import it as a sibling module (Python puts a script's own directory on sys.path).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from typing import Any
+
+
+def card() -> str:
+    """The GPU's name, else the CPU's model and core count."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, check=True).stdout.split("\n")  # fmt: skip
+        return names[0].strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"CPU: {_cpu_model()}, {os.cpu_count()} cores"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Python's and each installed distribution's version; 'not installed' for the others."""
+    found = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def refuse_existing(path: str) -> None:
+    """Results are never overwritten: stop before any measuring if `path` exists."""
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists: choose a new --out, or delete it first")
+
+
+def write(path: str, packages: tuple[str, ...], settings: dict[str, Any], **figures: Any) -> None:
+    """One result file: card, date, versions and settings, then the figures (e.g. models=...)."""
+    refuse_existing(path)
+    body = {"card": card(), "date": datetime.date.today().isoformat(), "versions": versions(packages),
+            "settings": settings, **figures}  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "x") as f:
+        json.dump(body, f, indent=1)
+    print(f"wrote {path}")
