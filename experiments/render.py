@@ -103,7 +103,7 @@ def chart(report: dict[str, Any], path: str) -> None:
     names = list(report["models"])
     measured = [(mode, label) for mode, label in MODES if any(mode in report["models"][n] for n in names)]
     fig, ax = plt.subplots(figsize=(2 + 2.2 * len(names), 3.6))
-    width = 0.8 / len(measured)
+    width = 0.8 / max(len(measured), 1)
     for i, (mode, label) in enumerate(measured):
         values = [report["models"][n].get(mode, {}).get("train_img_s") or 0 for n in names]
         ax.bar([x + i * width for x in range(len(names))], values, width, label=label)

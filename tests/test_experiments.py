@@ -157,6 +157,15 @@ def test_imagenet_accuracy_script_agrees_with_timm(tmp_path) -> None:
     assert figures["top1"] == pytest.approx(100 / 3) and figures["top5"] == pytest.approx(200 / 3)
     assert report["settings"]["dataset"].startswith("folder:") and report["card"].startswith("CPU")
 
+    # render.py shows measured figures unmarked when given the accuracy file.
+    jit = {"s_per_epoch": 100.0, "infer_b32_ms": 5.0, "train_img_s": 9.0}
+    speed = {"card": "CPU", "date": report["date"], "versions": {}, "settings": {"batch": 4, "image_size": 32},
+             "models": {"res2net50_v1b": {"jit": jit}}}  # fmt: skip
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    rendered = _script("render.py", str(tmp_path / "speed.json"), str(out), timeout=300)
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    assert "| res2net50_v1b | 33.33 | 66.67 | 100 | - |" in (tmp_path / "speed.md").read_text()
+
 
 def test_conv_probe_times_both_frameworks(tmp_path) -> None:
     out = tmp_path / "probe.json"
