@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -32,9 +33,10 @@ def _command(workdir: str, dataset: str, *overrides: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _env(devices: int) -> dict[str, str]:
+def _env(devices: int, cache: bool = True) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if cache or not k.startswith("JAX_COMPILATION_CACHE")}
     return dict(
-        os.environ,
+        env,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         CUDA_VISIBLE_DEVICES="",
         JAX_PLATFORMS="cpu",
@@ -55,6 +57,16 @@ def _params(workdir: str) -> dict:
 def _metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One persistent XLA compilation cache for the main.py runs here: runs of the same config skip
+    compiling (about 25 s each on 2 cores); the results are the same programs' results."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # Orbax's many small first-save programs too
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +163,8 @@ def test_kill_9_then_rerun_ends_exactly_like_an_uninterrupted_run(
 
 def test_sigterm_saves_and_exits_cleanly(noise_folder: str, tmp_path) -> None:
     workdir = str(tmp_path)
-    process = subprocess.Popen(_command(workdir, noise_folder, "--config.num_train_steps=400"), cwd=ROOT,
-                               env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(_command(workdir, noise_folder), cwd=ROOT, env=_env(8), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
     for line in process.stdout:
         if line.startswith("step 4/"):
             process.send_signal(signal.SIGTERM)
@@ -238,7 +250,7 @@ def test_two_processes_on_loopback_form_one_run(short_run: str, noise_folder: st
                 f"--process_id={index}",
             ],
             cwd=ROOT,
-            env=_env(2),
+            env=_env(2, cache=False),  # the two would write the same cache entries at once
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
