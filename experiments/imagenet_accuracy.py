@@ -26,7 +26,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data directory ('' for TFD
 _SPLIT = flags.DEFINE_string("split", "", "Evaluation split ('' picks validation, else test).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Center-crop size.")
 _CROP_PCT = flags.DEFINE_float("crop_pct", 0.875, "The shorter side is resized to image_size / crop_pct.")
-_BATCH = flags.DEFINE_integer("batch", 250, "Evaluation batch (divisible by the device count).")
+_BATCH = flags.DEFINE_integer("batch", 256, "Evaluation batch (divisible by the device count).")
 _BACKEND = flags.DEFINE_string("backend", "auto", "auto, cpu, gpu or tpu.")
 _LAYERS = flags.DEFINE_list("layers", [], "Blocks per stage instead of the model's own (tests).")
 _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
