@@ -287,10 +287,7 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(_MODES.value) - set(_MEASURE))
     if unknown:
         raise app.UsageError(f"unknown --modes {', '.join(unknown)}: choose from {', '.join(_MEASURE)}")
-    try:
-        report.refuse_existing(_OUT.value)
-    except FileExistsError as error:
-        raise app.UsageError(str(error)) from None
+    report.refuse_existing(_OUT.value)
     peak = _run_worker("peak:") if "jit" in _MODES.value else {}
     results: dict[str, Any] = {}
     for name in _MODELS.value.split(","):

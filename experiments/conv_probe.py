@@ -68,10 +68,7 @@ def _measure(channels: int, size: int) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        report.refuse_existing(_OUT.value)
-    except FileExistsError as error:
-        raise app.UsageError(str(error)) from None
+    report.refuse_existing(_OUT.value)
     shapes = {}
     for shape in _SHAPES.value:
         channels, size = (int(n) for n in shape.split("x"))

@@ -48,10 +48,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     weights = _pairs(_WEIGHTS.value)
-    try:
-        report.refuse_existing(_OUT.value)
-    except FileExistsError as error:
-        raise app.UsageError(str(error)) from None
+    report.refuse_existing(_OUT.value)
     from configs import default
     from res2net_jax import input_pipeline, registry, train
 

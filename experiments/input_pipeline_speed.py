@@ -81,10 +81,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
-    try:
-        report.refuse_existing(_OUT.value)
-    except FileExistsError as error:
-        raise app.UsageError(str(error)) from None
+    report.refuse_existing(_OUT.value)
     settings = {"dataset": _DATASET.value or f"{_IMAGES.value} synthetic 500x375 JPEGs per split",
                 "batch": _BATCH.value, "batches": _BATCHES.value, "image_size": _IMAGE_SIZE.value}  # fmt: skip
     if _DATASET.value:

@@ -13,6 +13,8 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
+from absl import app
+
 
 def card() -> str:
     """The GPU's name, else the CPU's model and core count."""
@@ -47,9 +49,9 @@ def versions(packages: tuple[str, ...]) -> dict[str, str]:
 
 
 def refuse_existing(path: str) -> None:
-    """Results are never overwritten: stop before any measuring if `path` exists."""
+    """Results are never overwritten: stop (a usage error of the absl scripts here) if `path` exists."""
     if os.path.exists(path):
-        raise FileExistsError(f"{path} exists: choose a new --out, or delete it first")
+        raise app.UsageError(f"{path} exists: choose a new --out, or delete it first")
 
 
 def write(path: str, packages: tuple[str, ...], settings: dict[str, Any], **figures: Any) -> None:
