@@ -65,8 +65,9 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
             )
         return tfds.folder_dataset.ImageFolder(root)
     base_name = name.split(":")[0].split("/")[0]
-    if base_name not in tfds.list_builders():
-        close = difflib.get_close_matches(base_name, tfds.list_builders(), n=3)
+    known = tfds.list_builders(with_community_datasets=False)  # the community list would be fetched from GCS
+    if base_name not in known:
+        close = difflib.get_close_matches(base_name, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(
             f"unknown dataset {name!r}.{hint} Use a TFDS image-classification name or folder:/path/to/images"
