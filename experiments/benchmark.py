@@ -15,6 +15,9 @@ float32 on CPUs. JAX eager mode runs op by op under `jax.disable_jit()`, the cou
 MindSpore's PyNative mode; jit is the counterpart of its Graph mode. Writes one JSON file:
 `models.<name>.{jit, eager, timm_eager, timm_compiled}` with train_img_s, s_per_epoch (ImageNet's
 1,281,167 images), infer_b256_img_s (at --batch), infer_b32_ms, infer_b1_ms, compile_s, peak_mem_gb.
+The file is rewritten after each measurement ("complete": false until the last), so a run cut short
+keeps what it measured; a measurement that fails or exceeds --timeout_s is recorded as {"error": ...},
+the others go on, and the exit status is 1.
 
 Roofline: jit also records XLA's FLOP count per image of the forward pass and of the whole train
 step, and the TFLOP/s the train step reaches as a fraction of `matmul_peak_tflop_s`, the card's peak
@@ -43,6 +46,7 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (jit / compiled); eager modes time max(1, steps // 10).")
 _LAYERS = flags.DEFINE_list("layers", [], "Blocks per stage instead of the model's own (smoke runs).")
 _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
+_TIMEOUT = flags.DEFINE_integer("timeout_s", 300, "Seconds one measurement (a process) may run before it is stopped.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: measure one 'mode:model' (or 'peak:') and print JSON.")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "timm")
 
@@ -267,13 +271,17 @@ _MEASURE = {
 
 
 def _run_worker(task: str) -> dict[str, Any]:
-    """Runs one measurement in a fresh process and returns its figures."""
+    """Runs one measurement in a fresh process: its figures, or {"error": why} if it failed or ran too long."""
     passed = [a for a in sys.argv[1:] if not a.startswith(("--out", "--modes", "--models"))]
-    done = subprocess.run([sys.executable, __file__, f"--worker={task}", f"--out={_OUT.value}", *passed],
-                          capture_output=True, text=True)  # fmt: skip
+    command = [sys.executable, __file__, f"--worker={task}", f"--out={_OUT.value}", *passed]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT.value)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after --timeout_s={_TIMEOUT.value} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{task} failed:\n{done.stderr[-3000:]}")
+        print(f"{task} failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return {"error": (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]}
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
@@ -287,20 +295,33 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(_MODES.value) - set(_MEASURE))
     if unknown:
         raise app.UsageError(f"unknown --modes {', '.join(unknown)}: choose from {', '.join(_MEASURE)}")
+    from res2net_jax import get_spec  # imports JAX without starting a backend: the device stays free
+
+    names = _MODELS.value.split(",")
+    try:
+        for name in names:
+            get_spec(name)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
     report.refuse_existing(_OUT.value)
-    peak = _run_worker("peak:") if "jit" in _MODES.value else {}
-    results: dict[str, Any] = {}
-    for name in _MODELS.value.split(","):
-        results[name] = {}
-        for mode in _MODES.value:
-            results[name][mode] = _run_worker(f"{mode}:{name}")
-            print(f"{name} {mode}: {results[name][mode]}", flush=True)
-        if peak and "jit" in results[name]:
-            jit = results[name]["jit"]
-            jit["peak_fraction"] = jit["train_tflop_s"] / peak["matmul_peak_tflop_s"]
     settings = {"batch": _BATCH.value, "image_size": _IMAGE_SIZE.value, "steps": _STEPS.value,
                 "layers": _LAYERS.value or "the model's own"}  # fmt: skip
-    report.write(_OUT.value, PACKAGES, settings, **peak, models=results)
+    start = time.perf_counter()
+    peak = _run_worker("peak:") if "jit" in _MODES.value else {}
+    peak = {"matmul_peak_error": peak["error"]} if "error" in peak else peak
+    results: dict[str, Any] = {name: {} for name in names}
+    for name in names:
+        for mode in _MODES.value:
+            figures = results[name][mode] = _run_worker(f"{mode}:{name}")
+            if "matmul_peak_tflop_s" in peak and "train_tflop_s" in figures:
+                figures["peak_fraction"] = figures["train_tflop_s"] / peak["matmul_peak_tflop_s"]
+            print(f"[{time.perf_counter() - start:.0f} s] {name} {mode}: {figures}", flush=True)
+            # Rewritten after every measurement, so an interrupted run keeps what it measured.
+            report.write(_OUT.value, PACKAGES, settings, update=True, complete=False, **peak, models=results)
+    report.write(_OUT.value, PACKAGES, settings, update=True, complete=True, **peak, models=results)
+    failed = [f"{name} {mode}" for name, modes in results.items() for mode, f in modes.items() if "error" in f]
+    if failed:
+        raise SystemExit(f"failed (recorded as errors in {_OUT.value}): {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str
         f"{report['card']}, {report['date']}, batch {settings['batch']}, {settings['image_size']} px; "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
+        *(["**Incomplete: the run was cut short; '-' marks what it did not reach.**", ""]
+          if report.get("complete") is False else []),
+    ]  # fmt: skip
+    lines += [
         "| model | top-1 | top-5 | " + " | ".join(f"train s/epoch ({label})" for _, label in MODES)
         + " | " + " | ".join(f"infer ms/32 ({label})" for _, label in MODES) + " |",
         "|---" * (3 + 2 * len(MODES)) + "|",
@@ -52,6 +56,10 @@ def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str
         epochs = [_number(modes.get(mode, {}).get("s_per_epoch"), 0) for mode, _ in MODES]
         latency = [_number(modes.get(mode, {}).get("infer_b32_ms")) for mode, _ in MODES]
         lines.append(f"| {name} | " + " | ".join(_accuracy(name, measured) + epochs + latency) + " |")
+    failures = [f"{name} {mode}: {figures['error']}" for name, modes in report["models"].items()
+                for mode, figures in modes.items() if "error" in figures]  # fmt: skip
+    for failure in failures:
+        lines += ["", f"Failed ('-' in its columns): {failure}"]
     if measured:
         lines += ["", f"Top-1/top-5 measured on {measured['settings']['dataset']} ({measured['date']})."]
     else:
@@ -74,6 +82,8 @@ def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str
             f"| {_ratio(jit.get('infer_b1_ms'), eager.get('infer_b1_ms'))} "
             f"| {_ratio(jit.get('peak_mem_gb'), eager.get('peak_mem_gb'))} |"
         )
+    if "matmul_peak_error" in report:
+        lines += ["", f"Roofline: the matrix-product peak was not measured ({report['matmul_peak_error']})."]
     if "matmul_peak_tflop_s" in report:
         lines += [
             "",
@@ -85,7 +95,7 @@ def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str
         ]  # fmt: skip
         for name, modes in report["models"].items():
             jit = modes.get("jit", {})
-            if "flops_train_per_img" in jit:
+            if "peak_fraction" in jit:
                 lines.append(
                     f"| {name} | {jit['flops_forward_per_img'] / 1e9:.2f} | {jit['flops_train_per_img'] / 1e9:.2f} "
                     f"| {jit['train_tflop_s']:.3g} | {jit['peak_fraction']:.1%} |"

@@ -54,12 +54,19 @@ def refuse_existing(path: str) -> None:
         raise app.UsageError(f"{path} exists: choose a new --out, or delete it first")
 
 
-def write(path: str, packages: tuple[str, ...], settings: dict[str, Any], **figures: Any) -> None:
-    """One result file: card, date, versions and settings, then the figures (e.g. models=...)."""
-    refuse_existing(path)
+def write(path: str, packages: tuple[str, ...], settings: dict[str, Any], *, update: bool = False,
+          **figures: Any) -> None:  # fmt: skip
+    """One result file: card, date, versions and settings, then the figures (e.g. models=...).
+
+    A new file is never written over another. `update=True` rewrites the file this run already wrote
+    (whole, atomically), so that figures measured so far survive an interrupted run.
+    """
+    if not update:
+        refuse_existing(path)
     body = {"card": card(), "date": datetime.date.today().isoformat(), "versions": versions(packages),
             "settings": settings, **figures}  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "x") as f:
+    with open(f"{path}.tmp", "w") as f:
         json.dump(body, f, indent=1)
-    print(f"wrote {path}")
+    os.replace(f"{path}.tmp", path)
+    print(f"wrote {path}", flush=True)

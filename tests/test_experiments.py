@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +56,19 @@ def test_benchmark_measures_and_renders_at_a_tiny_size(tmp_path) -> None:
     out = tmp_path / "tiny.json"
     args = ["--models=res2net50_v1b", "--batch=4", "--image_size=32", "--layers=1,1,1,1", "--steps=2",
             "--modes=jit,timm_eager", f"--out={out}"]  # fmt: skip
-    done = _script("benchmark.py", *args)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run = subprocess.Popen([sys.executable, "experiments/benchmark.py", *args], cwd=ROOT, env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen = []  # the file's states while the run goes on: written after each measurement
+    while run.poll() is None:
+        if out.exists():
+            state = json.loads(out.read_text())
+            seen.append((state["complete"], sorted(state["models"]["res2net50_v1b"])))
+        time.sleep(0.2)
+    stdout, stderr = run.communicate()
+    assert run.returncode == 0, stderr[-3000:]
+    assert (False, ["jit"]) in seen, seen
     report = json.loads(out.read_text())
+    assert report["complete"] is True
     assert report["card"].startswith("CPU") and report["date"] == datetime.date.today().isoformat()
     assert {"jax", "flax", "torch", "timm"} <= set(report["versions"])
     assert report["matmul_dtype"] == "float32" and report["matmul_peak_tflop_s"] > 0
@@ -92,6 +103,31 @@ def test_benchmark_measures_and_renders_at_a_tiny_size(tmp_path) -> None:
     assert f"| res2net50_v1b | {ratio:.2f}x | - |" in markdown
     assert f"| {jit['peak_fraction']:.1%} |" in markdown
     assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_records_a_failed_measurement_and_goes_on(tmp_path) -> None:
+    """A measurement over --timeout_s (here every one: 1 s is less than importing JAX) is recorded as an
+    error, the run still writes its file, exits 1 naming what failed, and render.py shows it."""
+    out = tmp_path / "failed.json"
+    done = _script("benchmark.py", "--models=res2net50", "--modes=jit", "--timeout_s=1", f"--out={out}",
+                   timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "failed (recorded as errors" in done.stderr and "res2net50 jit" in done.stderr
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    assert report["models"]["res2net50"]["jit"] == {"error": "stopped after --timeout_s=1 s"}
+    assert report["matmul_peak_error"] == "stopped after --timeout_s=1 s"
+    rendered = _script("render.py", str(out), timeout=300)
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    markdown = (tmp_path / "failed.md").read_text()
+    assert "Failed ('-' in its columns): res2net50 jit: stopped after --timeout_s=1 s" in markdown
+    assert "the matrix-product peak was not measured" in markdown and "Incomplete" not in markdown
+    out.write_text(json.dumps(dict(report, complete=False)))  # as a run cut short leaves it
+    assert _script("render.py", str(out), timeout=300).returncode == 0
+    assert "**Incomplete: the run was cut short" in (tmp_path / "failed.md").read_text()
+
+    unknown = _script("benchmark.py", "--models=res2net5O", f"--out={tmp_path / 'u.json'}", timeout=300)
+    assert unknown.returncode == 1 and "unknown model 'res2net5O'" in unknown.stderr
+    assert not (tmp_path / "u.json").exists()
 
 
 @pytest.mark.parametrize("name", ["res2net50", "res2net101"])
