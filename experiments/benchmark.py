@@ -11,10 +11,11 @@ Each (framework, model) runs in its own process, so that JAX and PyTorch do not 
 memory and each peak is its own. Data are synthetic and already on the device: the input pipeline is
 not timed. Both frameworks train with the same optimiser (SGD, momentum 0.9, weight decay 1e-4,
 label smoothing 0.1) in bfloat16 compute on accelerators (timm: autocast and channels_last) and
-float32 on CPUs. JAX eager mode runs op by op under `jax.disable_jit()`, the counterpart of
+float32 on CPUs (--dtype to choose). JAX eager mode runs op by op under `jax.disable_jit()`, the counterpart of
 MindSpore's PyNative mode; jit is the counterpart of its Graph mode. Writes one JSON file:
 `models.<name>.{jit, eager, timm_eager, timm_compiled}` with train_img_s, s_per_epoch (ImageNet's
-1,281,167 images), infer_b256_img_s (at --batch), infer_b32_ms, infer_b1_ms, compile_s, peak_mem_gb.
+1,281,167 images), infer_b256_img_s (at --batch), infer_b32_ms, infer_b1_ms, compile_s, peak_mem_gb
+and compute_dtype.
 The file is rewritten after each measurement ("complete": false until the last), so a run cut short
 keeps what it measured; a measurement that fails or exceeds --timeout_s is recorded as {"error": ...},
 the others go on, and the exit status is 1.
@@ -40,12 +41,17 @@ IMAGENET_TRAIN = 1_281_167
 SEED_MODELS = "res2net50,res2net101,res2net50_v1b,res2net101_v1b"
 
 _MODELS = flags.DEFINE_string("models", SEED_MODELS, "Comma-separated registered names.")
-_MODES = flags.DEFINE_list("modes", ["jit", "eager", "timm_eager", "timm_compiled"], "What to measure.")
+_MODES = flags.DEFINE_list(  # JAX eager last: the slowest to compile, and no target depends on it
+    "modes", ["jit", "timm_eager", "timm_compiled", "eager"], "What to measure, in this order."
+)
 _BATCH = flags.DEFINE_integer("batch", 256, "Training and throughput batch size.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (jit / compiled); eager modes time max(1, steps // 10).")
 _LAYERS = flags.DEFINE_list("layers", [], "Blocks per stage instead of the model's own (smoke runs).")
 _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "auto", ["auto", "float32", "bfloat16"], "Compute dtype; auto: bfloat16 on a GPU or TPU, float32 on a CPU."
+)
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 300, "Seconds one measurement (a process) may run before it is stopped.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: measure one 'mode:model' (or 'peak:') and print JSON.")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "timm")
@@ -72,12 +78,18 @@ def _latency_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int)
     return 1000 * sorted(times)[len(times) // 2]
 
 
+def _bfloat16(accelerator: bool) -> bool:
+    """Whether to compute in bfloat16 (--dtype, else the device's usual choice)."""
+    return _DTYPE.value == "bfloat16" or (_DTYPE.value == "auto" and accelerator)
+
+
 def _figures(
-    batch: int, step_s: float, infer_s: float, b32_ms: float, b1_ms: float, compile_s: float | None,
+    dtype: str, batch: int, step_s: float, infer_s: float, b32_ms: float, b1_ms: float, compile_s: float | None,
     peak_mem_gb: float | None,
 ) -> dict[str, Any]:  # fmt: skip
     """The fields every mode reports, from its timings."""
     return {
+        "compute_dtype": dtype,
         "train_img_s": batch / step_s,
         "s_per_epoch": IMAGENET_TRAIN * step_s / batch,
         "infer_b256_img_s": batch / infer_s,
@@ -102,7 +114,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     from res2net_jax import create_model, steps
 
     device = jax.devices()[0]
-    dtype = jnp.bfloat16 if device.platform in ("gpu", "tpu") else jnp.float32
+    dtype = jnp.bfloat16 if _bfloat16(device.platform in ("gpu", "tpu")) else jnp.float32
     overrides = {"layers": tuple(int(n) for n in _LAYERS.value)} if _LAYERS.value else {}
     model = create_model(name, dtype=dtype, axis_name=steps.AXIS, **overrides)
     config = types.SimpleNamespace(  # the fields the step and optimiser read; timm gets the same recipe
@@ -147,7 +159,8 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
         b1_ms = _latency_ms(lambda: infer(inference, images[1]), sync, repeats)
     stats = device.memory_stats() or {}
     peak_mem = stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
-    figures = _figures(batch, step_s, infer_s, b32_ms, b1_ms, None if eager else compile_s, peak_mem)
+    compile_s = None if eager else compile_s
+    figures = _figures(jnp.dtype(dtype).name, batch, step_s, infer_s, b32_ms, b1_ms, compile_s, peak_mem)
     if not eager:  # XLA's count of the program before optimisation, so the same on every backend
         forward = infer.lower(inference, images[1]).cost_analysis()["flops"]
         train_flops = train_step.lower(holder["state"], data).cost_analysis()["flops"] / batch
@@ -163,7 +176,8 @@ def _matmul_peak() -> dict[str, Any]:
 
     device = jax.devices()[0]
     accelerator = device.platform in ("gpu", "tpu")
-    dtype, n, chain = (jnp.bfloat16, 8192, 20) if accelerator else (jnp.float32, 1024, 4)
+    n, chain = (8192, 20) if accelerator else (1024, 4)
+    dtype = jnp.bfloat16 if _bfloat16(accelerator) else jnp.float32
     keys = jax.random.split(jax.random.key(0))
     x = jax.random.normal(keys[0], (n, n), dtype)
     w = (jax.random.normal(keys[1], (n, n)) / n**0.5).astype(dtype)  # keeps the chain's scale
@@ -222,7 +236,8 @@ def _timm(name: str, compiled: bool) -> dict[str, Any]:
     pool = torch.randn(max(batch, 32), 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     images = pool[:batch]
     labels = torch.randint(0, 1000, (batch,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    bfloat16 = _bfloat16(cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16)
     forward = torch.compile(model) if compiled else model
     repeats = _STEPS.value if compiled else max(1, _STEPS.value // 10)
 
@@ -257,7 +272,8 @@ def _timm(name: str, compiled: bool) -> dict[str, Any]:
     infer_s = _timed(infer(batch), sync, repeats)
     b32_ms, b1_ms = _latency_ms(infer(32), sync, repeats), _latency_ms(infer(1), sync, repeats)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return _figures(batch, step_s, infer_s, b32_ms, b1_ms, compile_s if compiled else None, peak_mem)
+    dtype = "bfloat16" if bfloat16 else "float32"
+    return _figures(dtype, batch, step_s, infer_s, b32_ms, b1_ms, compile_s if compiled else None, peak_mem)
 
 
 # --- Driver ---------------------------------------------------------------------------------------
@@ -305,7 +321,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(err)) from None
     report.refuse_existing(_OUT.value)
     settings = {"batch": _BATCH.value, "image_size": _IMAGE_SIZE.value, "steps": _STEPS.value,
-                "layers": _LAYERS.value or "the model's own"}  # fmt: skip
+                "layers": _LAYERS.value or "the model's own", "dtype": _DTYPE.value}  # fmt: skip
     start = time.perf_counter()
     peak = _run_worker("peak:") if "jit" in _MODES.value else {}
     peak = {"matmul_peak_error": peak["error"]} if "error" in peak else peak

@@ -40,8 +40,11 @@ def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str
     """The seed's columns (accuracy, train s/epoch, inference ms per batch of 32, per mode), the
     ratios against timm and the roofline."""
     settings = report["settings"]
+    dtypes = sorted({f["compute_dtype"] for modes in report["models"].values() for f in modes.values()
+                     if "compute_dtype" in f})  # fmt: skip
     lines = [
-        f"{report['card']}, {report['date']}, batch {settings['batch']}, {settings['image_size']} px; "
+        f"{report['card']}, {report['date']}, batch {settings['batch']}, {settings['image_size']} px"
+        + "".join(f", {dtype}" for dtype in dtypes) + "; "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
         *(["**Incomplete: the run was cut short; '-' marks what it did not reach.**", ""]

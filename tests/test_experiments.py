@@ -21,7 +21,8 @@ from PIL import Image
 from res2net_jax import create_model, get_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = {"train_img_s", "s_per_epoch", "infer_b256_img_s", "infer_b32_ms", "infer_b1_ms", "compile_s", "peak_mem_gb"}
+FIELDS = {"compute_dtype", "train_img_s", "s_per_epoch", "infer_b256_img_s", "infer_b32_ms", "infer_b1_ms",
+          "compile_s", "peak_mem_gb"}  # fmt: skip
 ROOFLINE = {"flops_forward_per_img", "flops_train_per_img", "train_tflop_s", "peak_fraction"}
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
 TINY = {"layers": [1, 1, 1, 1]}
@@ -51,32 +52,35 @@ def _conv_macs(model: torch.nn.Module, size: int) -> int:
 
 
 def test_benchmark_measures_and_renders_at_a_tiny_size(tmp_path) -> None:
-    """JAX jit and timm eager. JAX eager and torch.compile are left to real runs: on 2 CPU cores their
-    first steps compile for about 5 minutes even at this size (measured), more than the suite can give."""
+    """JAX jit and timm eager, in bfloat16 as on a GPU. JAX eager and torch.compile are left to real
+    runs: on 2 CPU cores their first steps compile for about 5 minutes even at this size (measured),
+    more than the suite can give."""
     out = tmp_path / "tiny.json"
     args = ["--models=res2net50_v1b", "--batch=4", "--image_size=32", "--layers=1,1,1,1", "--steps=2",
-            "--modes=jit,timm_eager", f"--out={out}"]  # fmt: skip
-    run = subprocess.Popen([sys.executable, "experiments/benchmark.py", *args], cwd=ROOT, env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    seen = []  # the file's states while the run goes on: written after each measurement
-    while run.poll() is None:
-        if out.exists():
-            state = json.loads(out.read_text())
-            seen.append((state["complete"], sorted(state["models"]["res2net50_v1b"])))
-        time.sleep(0.2)
-    stdout, stderr = run.communicate()
-    assert run.returncode == 0, stderr[-3000:]
+            "--modes=jit,timm_eager", "--dtype=bfloat16", f"--out={out}"]  # fmt: skip
+    log = tmp_path / "log.txt"
+    with open(log, "w") as output:
+        run = subprocess.Popen([sys.executable, "experiments/benchmark.py", *args], cwd=ROOT, env=ENV,
+                               stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+        seen = []  # the file's states while the run goes on: written after each measurement
+        while run.poll() is None:
+            if out.exists():
+                state = json.loads(out.read_text())
+                seen.append((state["complete"], sorted(state["models"]["res2net50_v1b"])))
+            time.sleep(0.2)
+    assert run.returncode == 0, log.read_text()[-3000:]
     assert (False, ["jit"]) in seen, seen
     report = json.loads(out.read_text())
     assert report["complete"] is True
     assert report["card"].startswith("CPU") and report["date"] == datetime.date.today().isoformat()
     assert {"jax", "flax", "torch", "timm"} <= set(report["versions"])
-    assert report["matmul_dtype"] == "float32" and report["matmul_peak_tflop_s"] > 0
+    assert report["matmul_dtype"] == "bfloat16" and report["matmul_peak_tflop_s"] > 0
     modes = report["models"]["res2net50_v1b"]
     assert set(modes) == {"jit", "timm_eager"}
     assert set(modes["jit"]) == FIELDS | ROOFLINE and set(modes["timm_eager"]) == FIELDS
     for mode, figures in modes.items():
         assert figures["train_img_s"] > 0 and figures["infer_b1_ms"] > 0, mode
+        assert figures["compute_dtype"] == "bfloat16", mode  # as on a GPU, where this is the default
         assert abs(figures["s_per_epoch"] * figures["train_img_s"] - 1_281_167) < 1, mode
     assert modes["jit"]["compile_s"] > 0 and modes["timm_eager"]["compile_s"] is None
 
@@ -96,6 +100,7 @@ def test_benchmark_measures_and_renders_at_a_tiny_size(tmp_path) -> None:
     rendered = _script("render.py", str(out), timeout=300)
     assert rendered.returncode == 0, rendered.stderr[-3000:]
     markdown = (tmp_path / "tiny.md").read_text()
+    assert markdown.startswith(f"{report['card']}, {report['date']}, batch 4, 32 px, bfloat16; python ")
     row = next(line for line in markdown.splitlines() if line.startswith("| res2net50_v1b |"))
     assert row.startswith("| res2net50_v1b | 80.28* | 95.03* | ")  # timm's published figures, marked
     assert f"{modes['jit']['s_per_epoch']:,.0f}" in row
