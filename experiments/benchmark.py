@@ -57,16 +57,6 @@ _WORKER = flags.DEFINE_string("worker", None, "Internal: measure one 'mode:model
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "timm")
 
 
-def _timed(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int) -> float:
-    """Seconds per call, after one untimed call."""
-    sync(fn())
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    sync(out)
-    return (time.perf_counter() - start) / repeats
-
-
 def _latency_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int) -> float:
     """Median milliseconds of synchronised calls, after one untimed call."""
     sync(fn())
@@ -151,10 +141,10 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
         start = time.perf_counter()
         sync(train())  # compiles under jit
         compile_s = time.perf_counter() - start
-        step_s = _timed(train, sync, repeats)
+        step_s = report.seconds_per_call(train, sync, repeats)
         inference = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
         images = {n: pool[:n] for n in {1, 32, batch}}
-        infer_s = _timed(lambda: infer(inference, images[batch]), sync, repeats)
+        infer_s = report.seconds_per_call(lambda: infer(inference, images[batch]), sync, repeats)
         b32_ms = _latency_ms(lambda: infer(inference, images[32]), sync, repeats)
         b1_ms = _latency_ms(lambda: infer(inference, images[1]), sync, repeats)
     stats = device.memory_stats() or {}
@@ -186,7 +176,7 @@ def _matmul_peak() -> dict[str, Any]:
     def products(x: jax.Array) -> jax.Array:
         return jax.lax.fori_loop(0, chain, lambda _, y: y @ w, x)
 
-    seconds = _timed(lambda: products(x), jax.block_until_ready, 5)
+    seconds = report.seconds_per_call(lambda: products(x), jax.block_until_ready, 5)
     tflop_s = 2 * n**3 * chain / seconds / 1e12
     return {"matmul_peak_tflop_s": tflop_s, "matmul_dtype": jnp.dtype(dtype).name, "matmul_n": n}
 
@@ -267,9 +257,9 @@ def _timm(name: str, compiled: bool) -> dict[str, Any]:
     start = time.perf_counter()
     sync(train())
     compile_s = time.perf_counter() - start
-    step_s = _timed(train, sync, repeats)
+    step_s = report.seconds_per_call(train, sync, repeats)
     model.eval()
-    infer_s = _timed(infer(batch), sync, repeats)
+    infer_s = report.seconds_per_call(infer(batch), sync, repeats)
     b32_ms, b1_ms = _latency_ms(infer(32), sync, repeats), _latency_ms(infer(1), sync, repeats)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     dtype = "bfloat16" if bfloat16 else "float32"

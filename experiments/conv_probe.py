@@ -10,7 +10,6 @@ stem's 64 channels at 112 px; batch --batch, NHWC (PyTorch channels_last), float
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,12 +23,7 @@ _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritt
 
 
 def _ms(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
-    sync(fn())
-    start = time.perf_counter()
-    for _ in range(_REPEATS.value):
-        out = fn()
-    sync(out)
-    return 1000 * (time.perf_counter() - start) / _REPEATS.value
+    return 1000 * report.seconds_per_call(fn, sync, _REPEATS.value)
 
 
 def _measure(channels: int, size: int) -> dict[str, float]:

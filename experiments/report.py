@@ -1,4 +1,5 @@
-"""What every result file in experiments/results/ records beside its figures: the card, date and versions.
+"""What every result file in experiments/results/ records beside its figures (the card, date and
+versions), and the timing rule the scripts share.
 
 The scripts here import it as a sibling module (Python puts a script's own directory on sys.path).
 """
@@ -10,10 +11,23 @@ import json
 import os
 import platform
 import subprocess
+import time
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
 from absl import app
+
+
+def seconds_per_call(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int) -> float:
+    """Mean seconds per call of `fn` over `repeats` back-to-back calls, after one untimed call (compiling,
+    warming caches); `sync` waits for a call's result, so asynchronous dispatch is timed whole."""
+    sync(fn())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    sync(out)
+    return (time.perf_counter() - start) / repeats
 
 
 def card() -> str:
