@@ -21,9 +21,11 @@ def test_notebook_runs_and_is_committed_clean(name: str, tmp_path, monkeypatch: 
     notebook = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code), "commit it without outputs"
-    # The kernel inherits these: no hub retries offline, TFDS data and the accelerator choice kept local.
+    # The kernel inherits these: no hub retries offline, TFDS data, the notebooks' temporary
+    # directories (checkpoints, exports) and the accelerator choice kept in this test's directory.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
     errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
