@@ -11,14 +11,14 @@ Each (framework, model) runs in its own process, so that JAX and PyTorch do not 
 memory and each peak is its own. Data are synthetic and already on the device: the input pipeline is
 not timed. Both frameworks train with the same optimiser (SGD, momentum 0.9, weight decay 1e-4,
 label smoothing 0.1) in bfloat16 compute on accelerators (timm: autocast and channels_last) and
-float32 on CPUs (--dtype to choose). JAX eager mode runs op by op under `jax.disable_jit()`, the counterpart of
-MindSpore's PyNative mode; jit is the counterpart of its Graph mode. Writes one JSON file:
+float32 on CPUs (--dtype to choose). JAX eager mode runs op by op under `jax.disable_jit()`, the
+counterpart of MindSpore's PyNative mode; jit is the counterpart of its Graph mode; `jit:LEVER` is
+jit with one of levers.py's candidate optimisations. Writes one JSON file:
 `models.<name>.{jit, eager, timm_eager, timm_compiled}` with train_img_s, s_per_epoch (ImageNet's
 1,281,167 images), infer_b256_img_s (at --batch), infer_b32_ms, infer_b1_ms, compile_s, peak_mem_gb
-and compute_dtype.
-The file is rewritten after each measurement ("complete": false until the last), so a run cut short
-keeps what it measured; a measurement that fails or exceeds --timeout_s is recorded as {"error": ...},
-the others go on, and the exit status is 1.
+and compute_dtype. The file is rewritten after each measurement ("complete": false until the last),
+so a run cut short keeps what it measured; a measurement that fails or exceeds --timeout_s is
+recorded as {"error": ...}, the others go on, and the exit status is 1.
 
 Roofline: jit also records XLA's FLOP count per image of the forward pass and of the whole train
 step, and the TFLOP/s the train step reaches as a fraction of `matmul_peak_tflop_s`, the card's peak
@@ -42,7 +42,7 @@ SEED_MODELS = "res2net50,res2net101,res2net50_v1b,res2net101_v1b"
 
 _MODELS = flags.DEFINE_string("models", SEED_MODELS, "Comma-separated registered names.")
 _MODES = flags.DEFINE_list(  # JAX eager last: the slowest to compile, and no target depends on it
-    "modes", ["jit", "timm_eager", "timm_compiled", "eager"], "What to measure, in this order."
+    "modes", ["jit", "timm_eager", "timm_compiled", "eager"], "What to measure, in this order (also jit:LEVER)."
 )
 _BATCH = flags.DEFINE_integer("batch", 256, "Training and throughput batch size.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
@@ -53,7 +53,7 @@ _DTYPE = flags.DEFINE_enum(
     "dtype", "auto", ["auto", "float32", "bfloat16"], "Compute dtype; auto: bfloat16 on a GPU or TPU, float32 on a CPU."
 )
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 300, "Seconds one measurement (a process) may run before it is stopped.")
-_WORKER = flags.DEFINE_string("worker", None, "Internal: measure one 'mode:model' (or 'peak:') and print JSON.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: measure one 'MODEL/MODE' (or 'peak') and print JSON.")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "timm")
 
 
@@ -276,6 +276,27 @@ _MEASURE = {
 }
 
 
+def _measure(name: str, mode: str) -> dict[str, Any]:
+    """One mode's figures; 'jit:LEVER' is jit with a lever of levers.py applied while tracing."""
+    base, _, lever = mode.partition(":")
+    if not lever:
+        return _MEASURE[base](name)
+    import levers
+
+    with levers.applied(lever):
+        return _MEASURE[base](name)
+
+
+def _check_modes(modes: list[str]) -> None:
+    import levers
+
+    for mode in modes:
+        base, _, lever = mode.partition(":")
+        if base not in _MEASURE or (lever and (base != "jit" or lever not in levers.LEVERS)):
+            raise app.UsageError(f"unknown mode {mode!r}: choose from {', '.join(_MEASURE)}, or jit:LEVER with "
+                                 f"LEVER one of {', '.join(levers.LEVERS)}")  # fmt: skip
+
+
 def _run_worker(task: str) -> dict[str, Any]:
     """Runs one measurement in a fresh process: its figures, or {"error": why} if it failed or ran too long."""
     passed = [a for a in sys.argv[1:] if not a.startswith(("--out", "--modes", "--models"))]
@@ -295,12 +316,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _WORKER.value:
-        mode, name = _WORKER.value.split(":")
-        print("RESULT " + json.dumps(_matmul_peak() if mode == "peak" else _MEASURE[mode](name)))
+        figures = _matmul_peak() if _WORKER.value == "peak" else _measure(*_WORKER.value.split("/", 1))
+        print("RESULT " + json.dumps(figures))
         return
-    unknown = sorted(set(_MODES.value) - set(_MEASURE))
-    if unknown:
-        raise app.UsageError(f"unknown --modes {', '.join(unknown)}: choose from {', '.join(_MEASURE)}")
+    _check_modes(_MODES.value)
     from res2net_jax import get_spec  # imports JAX without starting a backend: the device stays free
 
     names = _MODELS.value.split(",")
@@ -313,12 +332,12 @@ def main(argv: list[str]) -> None:
     settings = {"batch": _BATCH.value, "image_size": _IMAGE_SIZE.value, "steps": _STEPS.value,
                 "layers": _LAYERS.value or "the model's own", "dtype": _DTYPE.value}  # fmt: skip
     start = time.perf_counter()
-    peak = _run_worker("peak:") if "jit" in _MODES.value else {}
+    peak = _run_worker("peak") if any(mode.startswith("jit") for mode in _MODES.value) else {}
     peak = {"matmul_peak_error": peak["error"]} if "error" in peak else peak
     results: dict[str, Any] = {name: {} for name in names}
     for name in names:
         for mode in _MODES.value:
-            figures = results[name][mode] = _run_worker(f"{mode}:{name}")
+            figures = results[name][mode] = _run_worker(f"{name}/{mode}")
             if "matmul_peak_tflop_s" in peak and "train_tflop_s" in figures:
                 figures["peak_fraction"] = figures["train_tflop_s"] / peak["matmul_peak_tflop_s"]
             print(f"[{time.perf_counter() - start:.0f} s] {name} {mode}: {figures}", flush=True)

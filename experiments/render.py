@@ -85,6 +85,16 @@ def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str
             f"| {_ratio(jit.get('infer_b1_ms'), eager.get('infer_b1_ms'))} "
             f"| {_ratio(jit.get('peak_mem_gb'), eager.get('peak_mem_gb'))} |"
         )
+    variants = sorted({mode for modes in report["models"].values() for mode in modes if mode.startswith("jit:")})
+    if variants:
+        lines += ["", "Levers (experiments/levers.py) against plain JAX jit, same run:", "",
+                  "| model | lever | train img/s | infer img/s | peak memory |", "|---|---|---|---|---|"]  # fmt: skip
+        for name, modes in report["models"].items():
+            jit = modes.get("jit", {})
+            for mode in variants:
+                lever = modes.get(mode, {})
+                ratios = [_ratio(lever.get(k), jit.get(k)) for k in ("train_img_s", "infer_b256_img_s", "peak_mem_gb")]
+                lines.append(f"| {name} | {mode.removeprefix('jit:')} | " + " | ".join(ratios) + " |")
     if "matmul_peak_error" in report:
         lines += ["", f"Roofline: the matrix-product peak was not measured ({report['matmul_peak_error']})."]
     if "matmul_peak_tflop_s" in report:

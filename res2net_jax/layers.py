@@ -75,9 +75,7 @@ class BatchNorm(nn.Module):
         acc = accumulation_dtype(self.dtype)
         xf = x.astype(acc)
         if train:
-            reduce_axes = tuple(range(x.ndim - 1))
-            mean = self._mean(xf, reduce_axes)
-            var = self._mean(jnp.square(xf - mean), reduce_axes)
+            mean, var = self._batch_moments(xf, tuple(range(x.ndim - 1)))
             if not self.is_initializing():
                 count = xf.size // channels
                 if self.axis_name is not None:
@@ -89,6 +87,12 @@ class BatchNorm(nn.Module):
             mean, var = running_mean.value, running_var.value
         y = (xf - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
         return y.astype(self.dtype)
+
+    def _batch_moments(self, x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        """Mean and biased variance over `axes`, the variance in two passes (mean squared deviation from
+        the mean), which keeps its rounding error independent of the mean's size."""
+        mean = self._mean(x, axes)
+        return mean, self._mean(jnp.square(x - mean), axes)
 
     def _mean(self, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
         mean = jnp.mean(x, axis=axes)

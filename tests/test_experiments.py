@@ -1,24 +1,28 @@
 """The experiments/ scripts on the CPU at tiny sizes, so they cannot rot, with their figures checked
-against independent counts: FLOPs against timm's MACs, accuracy against timm's own predictions."""
+against independent counts: FLOPs against timm's MACs, accuracy against timm's own predictions, the
+levers' results against timm's."""
 
 from __future__ import annotations
 
+import copy
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import timm_model
+from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
 from PIL import Image
 
-from res2net_jax import create_model, get_spec
+from res2net_jax import convert, create_model, get_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"compute_dtype", "train_img_s", "s_per_epoch", "infer_b256_img_s", "infer_b32_ms", "infer_b1_ms",
@@ -112,7 +116,8 @@ def test_benchmark_measures_and_renders_at_a_tiny_size(tmp_path) -> None:
 
 def test_benchmark_records_a_failed_measurement_and_goes_on(tmp_path) -> None:
     """A measurement over --timeout_s (here every one: 1 s is less than importing JAX) is recorded as an
-    error, the run still writes its file, exits 1 naming what failed, and render.py shows it."""
+    error, the run still writes its file, exits 1 naming what failed, and render.py shows it; render.py
+    also marks an incomplete file and gives each lever's ratios against plain jit."""
     out = tmp_path / "failed.json"
     done = _script("benchmark.py", "--models=res2net50", "--modes=jit", "--timeout_s=1", f"--out={out}",
                    timeout=300)  # fmt: skip
@@ -129,10 +134,56 @@ def test_benchmark_records_a_failed_measurement_and_goes_on(tmp_path) -> None:
     out.write_text(json.dumps(dict(report, complete=False)))  # as a run cut short leaves it
     assert _script("render.py", str(out), timeout=300).returncode == 0
     assert "**Incomplete: the run was cut short" in (tmp_path / "failed.md").read_text()
+    jit = {"train_img_s": 10, "infer_b256_img_s": 20, "peak_mem_gb": 2}
+    lever = {"train_img_s": 12, "infer_b256_img_s": 20, "peak_mem_gb": 1.5}
+    out.write_text(json.dumps(dict(report, models={"res2net50": {"jit": jit, "jit:bn_one_pass": lever}})))
+    assert _script("render.py", str(out), timeout=300).returncode == 0
+    assert "| res2net50 | bn_one_pass | 1.20x | 1.00x | 0.75x |" in (tmp_path / "failed.md").read_text()
 
     unknown = _script("benchmark.py", "--models=res2net5O", f"--out={tmp_path / 'u.json'}", timeout=300)
     assert unknown.returncode == 1 and "unknown model 'res2net5O'" in unknown.stderr
+    unknown = _script("benchmark.py", "--modes=jit:fast", f"--out={tmp_path / 'u.json'}", timeout=300)
+    assert unknown.returncode == 1 and "unknown mode 'jit:fast'" in unknown.stderr and "bn_one_pass" in unknown.stderr
     assert not (tmp_path / "u.json").exists()
+
+
+@pytest.mark.parametrize("lever", ["pad_branches", "bn_one_pass"])
+def test_levers_change_the_program_not_the_results(lever: str) -> None:
+    """Each lever of levers.py, in train mode: in float64, logits and BN running statistics equal timm's;
+    in float32, logits as close to timm's float64 as timm's own float32 are; and the traced program
+    differs from the plain model's (the lever is applied)."""
+    spec = importlib.util.spec_from_file_location("levers", os.path.join(ROOT, "experiments", "levers.py"))
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    name = "res2net50_26w_4s"  # branches of 26, 52, 104 and 208 channels
+    overrides = {"layers": (1, 1, 1, 1)}
+    variables = convert.from_torch(state_dict_numpy(timm_model(name, **TINY)), name, overrides=overrides)
+    reference_32 = timm_model(name, **TINY).train()
+    reference = copy.deepcopy(reference_32).double()
+    x = images_nchw(2, 64, 64)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x).double()).numpy()
+        timm_32 = reference_32(torch.from_numpy(x)).numpy()
+    expected_stats = {k: v.numpy() for k, v in reference.state_dict().items() if "running" in k}
+
+    def new_train_fn(dtype: jnp.dtype) -> Callable:  # a new function each time: JAX caches traces by function
+        model = create_model(name, dtype=dtype, **TINY)
+        return lambda v, images: model.apply(v, images, train=True, mutable=["batch_stats"])
+
+    images = x.transpose(0, 2, 3, 1)
+    with jax.enable_x64(True):
+        plain = str(jax.make_jaxpr(new_train_fn(jnp.float64))(variables, images.astype(np.float64)))
+        with levers.applied(lever):
+            train = new_train_fn(jnp.float64)
+            assert str(jax.make_jaxpr(train)(variables, images.astype(np.float64))) != plain
+            logits, updates = jax.jit(train)(variables, images.astype(np.float64))
+        stats = convert.to_torch({"params": variables["params"], **updates}, name, overrides)
+    assert rel_error(logits, expected) <= 1e-9
+    for key, value in expected_stats.items():
+        assert rel_error(stats[key], value) <= 1e-6, key  # to_torch writes float32
+    with levers.applied(lever), jax.default_matmul_precision("highest"):
+        logits_32, _ = jax.jit(new_train_fn(jnp.float32))(variables, images)
+    assert rel_error(logits_32, expected) <= 2 * rel_error(timm_32, expected) + 1e-6
 
 
 @pytest.mark.parametrize("name", ["res2net50", "res2net101"])
