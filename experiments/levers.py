@@ -66,12 +66,9 @@ LEVERS: dict[str, Interceptor] = {"pad_branches": pad_branches, "bn_one_pass": b
 
 
 @contextlib.contextmanager
-def applied(name: str | None) -> Iterator[None]:
-    """The lever `name` in effect for the modules traced inside (None: the plain model). JAX caches a
-    function's trace, so only functions first traced inside are changed."""
-    if name is None:
-        yield
-        return
+def applied(name: str) -> Iterator[None]:
+    """The lever `name` in effect for the modules traced inside. JAX caches a function's trace, so only
+    functions first traced inside are changed."""
     if name not in LEVERS:
         raise ValueError(f"unknown lever {name!r}: choose from {', '.join(LEVERS)}")
     with nn.intercept_methods(LEVERS[name]):
