@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from flax.traverse_util import flatten_dict
 from timm.models.res2net import Bottle2neck
 from timm.models.resnet import ResNet
 
@@ -72,6 +73,16 @@ def timm_model(name: str, seed: int = 0, num_classes: int = 1000, **overrides) -
 
 def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def bn_stats_by_torch_key(params: dict, batch_stats: dict) -> dict[str, np.ndarray]:
+    """Flax BN running statistics by PyTorch key, at their own precision (float64 stays float64,
+    which `convert.to_torch` would write as float32)."""
+    from res2net_jax import convert
+
+    layout = convert.torch_layout({"params": params, "batch_stats": batch_stats})
+    flat = {("batch_stats", *path): leaf for path, leaf in flatten_dict(batch_stats).items()}
+    return {key: np.asarray(flat[path]) for key, (path, _) in layout.items() if path in flat}
 
 
 def rel_error(actual: np.ndarray, reference: np.ndarray) -> float:

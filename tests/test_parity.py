@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
-from flax.traverse_util import flatten_dict
+from conftest import bn_stats_by_torch_key, images_nchw, rel_error, state_dict_numpy, timm_model
 
 from res2net_jax import convert, create_model
 from res2net_jax.registry import MODELS
@@ -71,7 +70,7 @@ def test_train_mode_logits_and_bn_update_match_timm(name: str) -> None:
         logits_64, updates_64 = jax.jit(lambda v, x: model_64.apply(v, x, train=True, mutable=["batch_stats"]))(
             variables, _nhwc(x).astype(jnp.float64)
         )
-        stats_64 = _stats_by_torch_key(name, variables["params"], updates_64["batch_stats"])
+        stats_64 = bn_stats_by_torch_key(variables["params"], updates_64["batch_stats"])
     assert rel_error(logits_64, expected_64) <= F64_TOLERANCE
     assert set(stats_64) == set(expected_stats)
     for key, value in expected_stats.items():
@@ -85,13 +84,6 @@ def test_train_mode_logits_and_bn_update_match_timm(name: str) -> None:
             variables, _nhwc(x)
         )
     assert rel_error(logits_32, expected_64) <= 2 * rel_error(expected_32, expected_64) + 1e-6
-
-
-def _stats_by_torch_key(name: str, params: dict, batch_stats: dict) -> dict[str, np.ndarray]:
-    """Running statistics by PyTorch key, at full (float64) precision."""
-    layout = convert.torch_layout({"params": params, "batch_stats": batch_stats})
-    flat = {("batch_stats", *path): leaf for path, leaf in flatten_dict(batch_stats).items()}
-    return {key: np.asarray(flat[path]) for key, (path, _) in layout.items() if path in flat}
 
 
 def assert_state_dicts_equal(actual: dict, expected: dict) -> None:
