@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
@@ -32,21 +31,17 @@ def _logits(model, variables: dict, images: np.ndarray) -> np.ndarray:
         return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
 
 
-def _random_variables(model, size: int, seed: int = 0) -> dict:
-    """Initialised variables with random BN statistics and a random head (init zeroes the head)."""
-    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
-    leaves, tree = jax.tree.flatten(variables["batch_stats"])
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(leaves) + 2))
-    stats = [jax.random.uniform(next(keys), x.shape, minval=0.5, maxval=1.5) for x in leaves]
-    head = jax.tree.map(lambda x: 0.05 * jax.random.normal(next(keys), x.shape), variables["params"]["fc"])
-    return {"params": {**variables["params"], "fc": head}, "batch_stats": jax.tree.unflatten(tree, stats)}
+def _random_variables(name: str, overrides: dict) -> dict:
+    """Random weights, BN statistics and affine parameters (conftest.timm_model), so every branch of
+    every block reaches the logits; a fresh initialisation zeroes each block's last BN scale."""
+    state_dict = state_dict_numpy(timm_model(name, num_classes=10, **overrides))
+    return convert.from_torch(state_dict, name, overrides=overrides)
 
 
 @pytest.fixture(scope="module")
 def shallow() -> tuple:
     """A reduced-depth res2net50d with random weights, BN statistics and head."""
-    model = create_model(NAME, num_classes=10, **SHALLOW)
-    return model, _random_variables(model, SIZE)
+    return create_model(NAME, num_classes=10, **SHALLOW), _random_variables(NAME, SHALLOW)
 
 
 def test_stablehlo_runs_any_batch_with_the_flax_logits(shallow: tuple, tmp_path) -> None:
@@ -79,7 +74,7 @@ def test_savedmodel_runs_in_tensorflow_with_the_flax_logits(shallow: tuple, tmp_
 def test_onnx_runs_in_onnxruntime_with_the_flax_logits(name: str, overrides: dict, size: int, tmp_path) -> None:
     """v1b (avg-down), v1 (max-pool stem, strided shortcut) at an odd size, and DLA with grouped convs."""
     model = create_model(name, num_classes=10, **overrides)
-    variables = _random_variables(model, size)
+    variables = _random_variables(name, overrides)
     path = tmp_path / "model.onnx"
     onnx_export.export_onnx(model, variables, size, path)
     run = onnx_export.load_onnx(path)
