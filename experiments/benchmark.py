@@ -100,6 +100,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from jax.sharding import PartitionSpec as P
 
     from res2net_jax import create_model, steps
 
@@ -116,10 +117,12 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     tx = steps.create_optimizer(config, optax.constant_schedule(0.1))
     mesh = jax.sharding.Mesh(np.array([device]), (steps.AXIS,))
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    state = steps.init_train_state(config, tx, variables)
+    # Placed as the step returns them (as train.py does), so the second step does not compile again.
+    replicated, split = (jax.sharding.NamedSharding(mesh, P(*spec)) for spec in ((), (steps.AXIS,)))
+    state = jax.device_put(steps.init_train_state(config, tx, variables), replicated)
     rng = np.random.RandomState(0)
-    pool = jax.device_put(rng.randn(max(batch, 32), size, size, 3).astype(np.float32), device)
-    data = {"image": pool[:batch], "label": jax.device_put(rng.randint(0, 1000, batch).astype(np.int32), device)}
+    pool = jax.device_put(rng.randn(max(batch, 32), size, size, 3).astype(np.float32), split)
+    data = {"image": pool[:batch], "label": jax.device_put(rng.randint(0, 1000, batch).astype(np.int32), split)}
     if eager:  # shard_map run op by op goes device by device through its own machinery: time the bare step
         model = create_model(name, dtype=dtype, **overrides)
         train_step = _plain_train_step(model, tx, config.label_smoothing)
