@@ -100,6 +100,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from res2net_jax import create_model, steps
@@ -118,7 +119,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     mesh = jax.sharding.Mesh(np.array([device]), (steps.AXIS,))
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
     # Placed as the step returns them (as train.py does), so the second step does not compile again.
-    replicated, split = (jax.sharding.NamedSharding(mesh, P(*spec)) for spec in ((), (steps.AXIS,)))
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.AXIS))
     state = jax.device_put(steps.init_train_state(config, tx, variables), replicated)
     rng = np.random.RandomState(0)
     pool = jax.device_put(rng.randn(max(batch, 32), size, size, 3).astype(np.float32), split)

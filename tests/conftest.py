@@ -75,6 +75,16 @@ def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def timm_variables(name: str, num_classes: int = 1000, **overrides) -> dict:
+    """Flax variables of `timm_model` (any registered name, MindCV aliases too): every weight, BN
+    statistic and affine parameter random, so every layer reaches the logits (a fresh initialisation
+    zeroes each block's last BN scale)."""
+    from res2net_jax import convert, get_spec
+
+    model = timm_model(get_spec(name).name, num_classes=num_classes, **overrides)
+    return convert.from_torch(state_dict_numpy(model), name, overrides=overrides)
+
+
 def bn_stats_by_torch_key(params: dict, batch_stats: dict) -> dict[str, np.ndarray]:
     """Flax BN running statistics by PyTorch key, at their own precision (float64 stays float64,
     which `convert.to_torch` would write as float32)."""

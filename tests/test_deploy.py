@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
+from conftest import images_nchw, rel_error, timm_variables
 
 from res2net_jax import convert, create_model, deploy, onnx_export
 
@@ -31,17 +31,10 @@ def _logits(model, variables: dict, images: np.ndarray) -> np.ndarray:
         return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
 
 
-def _random_variables(name: str, overrides: dict) -> dict:
-    """Random weights, BN statistics and affine parameters (conftest.timm_model), so every branch of
-    every block reaches the logits; a fresh initialisation zeroes each block's last BN scale."""
-    state_dict = state_dict_numpy(timm_model(name, num_classes=10, **overrides))
-    return convert.from_torch(state_dict, name, overrides=overrides)
-
-
 @pytest.fixture(scope="module")
 def shallow() -> tuple:
     """A reduced-depth res2net50d with random weights, BN statistics and head."""
-    return create_model(NAME, num_classes=10, **SHALLOW), _random_variables(NAME, SHALLOW)
+    return create_model(NAME, num_classes=10, **SHALLOW), timm_variables(NAME, num_classes=10, **SHALLOW)
 
 
 def test_stablehlo_runs_any_batch_with_the_flax_logits(shallow: tuple, tmp_path) -> None:
@@ -74,7 +67,7 @@ def test_savedmodel_runs_in_tensorflow_with_the_flax_logits(shallow: tuple, tmp_
 def test_onnx_runs_in_onnxruntime_with_the_flax_logits(name: str, overrides: dict, size: int, tmp_path) -> None:
     """v1b (avg-down), v1 (max-pool stem, strided shortcut) at an odd size, and DLA with grouped convs."""
     model = create_model(name, num_classes=10, **overrides)
-    variables = _random_variables(name, overrides)
+    variables = timm_variables(name, num_classes=10, **overrides)
     path = tmp_path / "model.onnx"
     onnx_export.export_onnx(model, variables, size, path)
     run = onnx_export.load_onnx(path)
@@ -84,7 +77,7 @@ def test_onnx_runs_in_onnxruntime_with_the_flax_logits(name: str, overrides: dic
 
 
 def test_export_cli_writes_stablehlo_of_a_full_model(tmp_path) -> None:
-    variables = convert.from_torch(state_dict_numpy(timm_model(NAME, num_classes=10)), NAME)
+    variables = timm_variables(NAME, num_classes=10)
     weights, out = tmp_path / "weights.safetensors", tmp_path / "cli.jaxexport"
     convert.save_state_dict(convert.to_torch(variables, NAME), weights)
     done = subprocess.run(

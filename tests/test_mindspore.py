@@ -16,9 +16,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
+from conftest import images_nchw, rel_error, timm_variables
 
-from res2net_jax import convert, create_model, get_spec, ms_checkpoint
+from res2net_jax import convert, create_model, ms_checkpoint
 from res2net_jax.convert import CheckpointMismatchError
 from res2net_jax.ms_checkpoint import CorruptCheckpointError
 
@@ -40,11 +40,6 @@ def _mindspore_python() -> str:
     return python
 
 
-def _variables(name: str, classes: int = CLASSES) -> dict:
-    timm_name = get_spec(name).name
-    return convert.from_torch(state_dict_numpy(timm_model(timm_name, num_classes=classes)), name)
-
-
 def _logits(name: str, variables: dict, x: np.ndarray) -> np.ndarray:
     with jax.default_matmul_precision("highest"):
         model = create_model(name, num_classes=convert.num_classes_of(variables))
@@ -63,7 +58,7 @@ def mindcv(tmp_path_factory: pytest.TempPathFactory) -> dict:
     np.save(directory / "x.npy", x)
     jobs, flax_logits = [], {}
     for name in MINDCV_NAMES:
-        variables = _variables(name)
+        variables = timm_variables(name, num_classes=CLASSES)
         convert.to_mindspore(variables, name, directory / f"{name}.ckpt")
         flax_logits[name] = _logits(name, variables, x)
         jobs.append({"model": name, "num_classes": CLASSES, "load": str(directory / f"{name}.ckpt")})
@@ -110,7 +105,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     directory = tmp_path_factory.mktemp("exported")
     out = {}
     for name in ("res2net50", "res2net50_v1b"):
-        variables = _variables(name, classes=1000)
+        variables = timm_variables(name)
         convert.to_mindspore(variables, name, directory / f"{name}.ckpt")
         out[name] = (variables, str(directory / f"{name}.ckpt"))
     return out

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import bn_stats_by_torch_key, images_nchw, rel_error, state_dict_numpy, timm_model
+from conftest import bn_stats_by_torch_key, images_nchw, rel_error, state_dict_numpy, timm_model, timm_variables
 
 from res2net_jax import convert, create_model
 from res2net_jax.registry import MODELS
@@ -110,7 +110,7 @@ def test_224px_jitted_matches_timm(name: str) -> None:
 def test_train_mode_gradients_match_timm(name: str) -> None:
     """Gradients of a cross-entropy loss in train mode, every parameter, in float64 on both sides."""
     reference = copy.deepcopy(timm_model(name)).double().train()
-    variables = convert.from_torch(state_dict_numpy(timm_model(name)), name)
+    variables = timm_variables(name)
     x = images_nchw(2, *SMALL_SIZE.get(name, ODD_SIZE))
     labels = np.array([3, 997])
     loss = torch.nn.functional.cross_entropy(reference(torch.from_numpy(x).double()), torch.from_numpy(labels))
