@@ -8,8 +8,14 @@ python main.py --config=configs/res2net50.py --workdir=runs/r50 --mode=eval
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from res2net_jax import cli
+
+cli.quiet_startup()  # before anything imports TensorFlow
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from res2net_jax.errors import InvalidInputError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/res2net50.py[:ascend].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
@@ -29,13 +35,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as err:  # ml_collections' way of rejecting an unknown field
         cause = err.args[0] if err.args else err
         detail = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
-        sys.exit(f"FATAL: unknown config field {' '.join(str(detail).split())} (fields: configs/default.py)")
+        sys.exit(f"error: unknown config field {' '.join(str(detail).split())} (fields: configs/default.py)")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise InvalidInputError(f"unexpected arguments: {' '.join(argv[1:])} (settings are --config.FIELD=value)")
     logging.set_verbosity(logging.WARNING)
+    try:
+        config = _CONFIG.value
+        config.get("model")  # ml_collections defers a failure to load the file to the first access
+    except OSError as err:
+        reason = str(err.__cause__ or err).strip().splitlines()[-1].strip()
+        raise InvalidInputError(f"cannot load --config={flags.FLAGS['config'].config_filename}: {reason}") from None
     # Imported here so TensorFlow is hidden from the accelerators before anything else touches them.
     from res2net_jax import input_pipeline, train
 
@@ -44,9 +56,7 @@ def main(argv: list[str]) -> None:
 
     if _COORDINATOR.value or _NUM_PROCESSES.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _CONFIG.value
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-    os.makedirs(workdir, exist_ok=True)
     if _MODE.value == "train":
         train.train_and_evaluate(config, workdir)
     else:
@@ -54,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, flags_parser=parse_flags)

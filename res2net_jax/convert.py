@@ -27,7 +27,9 @@ import numpy as np
 from flax import traverse_util
 
 from res2net_jax import ms_checkpoint
+from res2net_jax.errors import InvalidInputError, MissingDependencyError, MissingFileError, UserError
 from res2net_jax.models import Res2Net
+from res2net_jax.outputs import atomic_output
 from res2net_jax.registry import MODELS, create_model, get_spec
 
 Variables = dict[str, Any]
@@ -35,7 +37,7 @@ HEAD_KEYS = ("fc.weight", "fc.bias")
 _BN_COUNTER = "num_batches_tracked"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InvalidInputError):
     """A checkpoint whose keys or shapes do not fit the requested model."""
 
 
@@ -232,14 +234,6 @@ def to_torch(variables: Variables, model_name: str, overrides: Overrides = None)
     return state_dict
 
 
-def new_output_path(path: str | os.PathLike) -> str:
-    """`path` as a string, refused if something is there already: writers never overwrite work."""
-    path = os.fspath(path)
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists: choose a new output path, or delete it first")
-    return path
-
-
 # --- MindCV names ------------------------------------------------------------------------------
 
 _TIMM_TO_MINDCV_BN = {"running_mean": "moving_mean", "running_var": "moving_variance"}
@@ -297,7 +291,7 @@ def _check_mindcv_can_build(model_name: str, overrides: Overrides) -> None:
     spec = get_spec(model_name)
     cardinality = {**spec.kwargs, **dict(overrides or {})}.get("cardinality", 1)
     if spec.family is not Res2Net or cardinality != 1:
-        raise ValueError(
+        raise InvalidInputError(
             f"MindCV has no network like {model_name} (its Res2Net has no DLA and no grouped convs): "
             "MindSpore export takes the Res2Net family with cardinality 1, e.g. res2net50, res2net101, "
             "res2net152, res2net50_v1b, res2net101_v1b, res2net152_v1b"
@@ -310,8 +304,9 @@ def to_mindspore(variables: Variables, model_name: str, path: str | os.PathLike,
     An existing `path` is never overwritten.
     """
     _check_mindcv_can_build(model_name, overrides)
-    path = new_output_path(path)
-    ms_checkpoint.write(timm_to_mindcv(to_torch(variables, model_name, overrides)), path)
+    state_dict = timm_to_mindcv(to_torch(variables, model_name, overrides))
+    with atomic_output(path) as staged:
+        ms_checkpoint.write(state_dict, staged)
 
 
 def from_mindspore(
@@ -324,7 +319,7 @@ def from_mindspore(
 ) -> Variables:
     """Flax variables from a MindSpore `.ckpt` of a MindCV Res2Net; arguments as in `from_torch`."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"MindSpore checkpoint not found: {path}")
+        raise MissingFileError(f"MindSpore checkpoint not found: {path}")
     state_dict = mindcv_to_timm(ms_checkpoint.read(path))
     return from_torch(state_dict, model_name, num_classes, reset_head, rng, overrides)
 
@@ -353,7 +348,7 @@ def _import_torch(path: str) -> Any:
     try:
         import torch
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             f"reading or writing the PyTorch pickle {path} needs torch (pip install torch); "
             "safetensors files need only the safetensors package"
         ) from err
@@ -365,7 +360,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     told apart by content; MindCV names (from a .ckpt or a MindSpore safetensors file) are renamed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise MissingFileError(f"weights file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(16)
     try:
@@ -379,68 +374,67 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         elif head[:1] == b"\x0a":  # protobuf field 1, length-delimited: a MindSpore checkpoint
             checkpoint = ms_checkpoint.read(path)
         else:
-            raise ValueError("it is neither a PyTorch checkpoint (.pth/.bin), a safetensors file nor a MindSpore .ckpt")
-    except (ImportError, FileNotFoundError, ms_checkpoint.CorruptCheckpointError):
+            raise InvalidInputError(
+                f"cannot read weights file {path}: it is neither a PyTorch checkpoint (.pth/.bin), a safetensors "
+                "file nor a MindSpore .ckpt"
+            )
+    except (ImportError, UserError):
         raise
     except Exception as err:  # torch, zipfile and safetensors each raise their own types
-        raise ValueError(f"cannot read weights file {path}: {err}") from err
+        raise InvalidInputError(f"cannot read weights file {path}: {err}") from err
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"weights file {path} holds a {type(checkpoint).__name__}, not a state dict")
+        raise InvalidInputError(f"weights file {path} holds a {type(checkpoint).__name__}, not a state dict")
     state_dict = {k: _to_numpy(v) for k, v in _unwrap(checkpoint).items()}
     return mindcv_to_timm(state_dict) if _looks_mindcv(state_dict) else state_dict
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Writes a state dict as .safetensors, or as a torch pickle for .pth/.pt/.bin."""
+    """Writes a state dict as .safetensors, or as a torch pickle for .pth/.pt/.bin.
+
+    An existing `path` is never overwritten, and a failed write leaves nothing under its name.
+    """
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file
 
-        save_file(dict(state_dict), path)
+        with atomic_output(path) as staged:
+            save_file(dict(state_dict), staged)
     elif path.endswith(_TORCH_SUFFIXES):
         torch = _import_torch(path)
-        torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, path)
+        with atomic_output(path) as staged:
+            torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, staged)
     else:
-        raise ValueError(f"cannot tell the format of {path}: name it .safetensors, .pth, .pt or .bin")
+        raise InvalidInputError(f"cannot tell the format of {path}: name it .safetensors, .pth, .pt or .bin")
 
 
 def save_variables(variables: Variables, directory: str | os.PathLike) -> None:
     """Writes Flax variables as an Orbax checkpoint directory (which must not exist yet)."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(new_output_path(directory))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory, variables)
-    checkpointer.wait_until_finished()
+    with atomic_output(directory) as staged:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staged, variables)
+        checkpointer.wait_until_finished()
 
 
 def _restore_orbax(directory: str) -> Variables:
     """Variables from an Orbax directory: one written by `save_variables`, or a training workdir
-    (its latest checkpoint's weights and BN statistics)."""
+    (the weights and BN statistics of its newest checkpoint that restores and is finite)."""
     import orbax.checkpoint as ocp
 
+    from res2net_jax import workdir
+
     directory = os.path.abspath(directory)
+    if os.path.isdir(os.path.join(directory, workdir.CHECKPOINTS)):
+        return workdir.read_variables(directory)
     on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     try:
-        if os.path.isdir(os.path.join(directory, "checkpoints")):
-            manager = ocp.CheckpointManager(
-                os.path.join(directory, "checkpoints"),
-                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-            )
-            step = manager.latest_step()
-            if step is None:
-                raise ValueError("the workdir has no finished checkpoint yet")
-            shapes = manager.item_metadata(step)["state"]
-            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_host), shapes)
-            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-            manager.close()
-            return {"params": state["params"], "batch_stats": state["batch_stats"]}
         checkpointer = ocp.StandardCheckpointer()
         shapes = checkpointer.metadata(directory).item_metadata
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_host), shapes)
         restored = checkpointer.restore(directory, target)
     except Exception as err:  # orbax raises several types for a directory it cannot read
-        raise ValueError(f"cannot read {directory} as Flax variables or a training workdir: {err}") from err
+        raise InvalidInputError(f"cannot read {directory} as Flax variables or a training workdir: {err}") from err
     return {k: dict(v) for k, v in restored.items()}
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from res2net_jax.convert import new_output_path
+from res2net_jax.outputs import atomic_output, new_output_path
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -38,11 +38,11 @@ def export_stablehlo(
     platforms: Sequence[str] = PLATFORMS,
 ) -> None:
     """Writes the inference function as serialised `jax.export` StableHLO; `load_stablehlo` runs it."""
-    path = new_output_path(path)
+    new_output_path(path)  # refused before the export, which takes a while
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     exported = jax.export.export(jax.jit(logits_fn(model, variables)), platforms=tuple(platforms))(images)
-    with open(path, "wb") as f:
+    with atomic_output(path) as staged, open(staged, "wb") as f:
         f.write(exported.serialize())
 
 
@@ -67,7 +67,7 @@ def export_savedmodel(
     from res2net_jax.input_pipeline import hide_tf_from_accelerators
 
     hide_tf_from_accelerators()
-    directory = new_output_path(directory)
+    new_output_path(directory)
     converted = jax2tf.convert(
         logits_fn(model, variables),
         polymorphic_shapes=[f"(batch, {image_size}, {image_size}, 3)"],
@@ -79,4 +79,5 @@ def export_savedmodel(
         input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="images")],
         autograph=False,
     )
-    tf.saved_model.save(module, directory, signatures={"serving_default": module.serve})
+    with atomic_output(directory) as staged:
+        tf.saved_model.save(module, staged, signatures={"serving_default": module.serve})

@@ -10,17 +10,22 @@
 --weights takes any file `res2net_jax.convert.load_variables` reads (a .pth/.bin/.safetensors
 PyTorch state dict, a MindSpore .ckpt, or an Orbax directory). stablehlo, savedmodel and onnx write
 the inference function (normalised NHWC float32 images of --image_size, any batch size -> logits;
-see `res2net_jax.deploy` and `res2net_jax.onnx_export`). An existing --out is never overwritten.
+see `res2net_jax.deploy` and `res2net_jax.onnx_export`). An existing --out is never overwritten, and
+the output appears under its name only once complete.
 """
 
 from __future__ import annotations
 
-import os
+from res2net_jax import cli
 
-from absl import app, flags, logging
+cli.quiet_startup()  # before anything imports TensorFlow
 
-from res2net_jax import convert, deploy, onnx_export
-from res2net_jax.registry import create_model, get_spec
+from absl import flags, logging  # noqa: E402
+
+from res2net_jax import convert, deploy, onnx_export  # noqa: E402
+from res2net_jax.errors import InvalidInputError  # noqa: E402
+from res2net_jax.outputs import new_output_path  # noqa: E402
+from res2net_jax.registry import create_model, get_spec  # noqa: E402
 
 _FORMAT = flags.DEFINE_enum(
     "format",
@@ -57,11 +62,9 @@ _DEPLOY = {
 def main(argv: list[str]) -> None:
     """Converts --weights to --format and writes --out."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise InvalidInputError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
-    out = _OUT.value
-    if os.path.exists(out):
-        raise app.UsageError(f"{out} exists: choose a new --out, or delete it first")
+    out = new_output_path(_OUT.value)  # refused before any work
     variables = convert.load_variables(
         _WEIGHTS.value, _MODEL.value, num_classes=_NUM_CLASSES.value, reset_head=_RESET_HEAD.value
     )
@@ -79,4 +82,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

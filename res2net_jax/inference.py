@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from res2net_jax.errors import InvalidInputError
 from res2net_jax.registry import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -83,9 +84,42 @@ def imagenet_classes() -> list[str]:
     return [line.replace("\t", " ") for line in text.splitlines()]
 
 
+# The most work one image may cause: its decoded pixels, and its aspect ratio, which sets the size of
+# the resized image (the shorter side goes to 256, so a 1x3000 strip would become 256x768,000).
+MAX_PIXELS = 8192 * 8192
+MAX_ASPECT = 32
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def load_image(path: str) -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3): grayscale, palette, RGBA and CMYK are converted."""
+    """An image file as uint8 RGB (H, W, 3): grayscale, palette, RGBA and CMYK are converted, 16-bit
+    grayscale is scaled (not clipped) to 8 bits.
+
+    Refused with InvalidInputError, before decoding, when larger than MAX_PIXELS or more elongated than
+    MAX_ASPECT:1; an unreadable file is an InvalidInputError too.
+    """
     from PIL import Image
 
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    try:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # PIL's own check; ours is below
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+        with image:
+            width, height = image.size
+            if width * height > MAX_PIXELS or max(width, height) > MAX_ASPECT * min(width, height):
+                raise InvalidInputError(
+                    f"{path}: refused: {width}x{height} px is beyond the limits of "
+                    f"{MAX_PIXELS // 1_000_000} megapixels and aspect ratio {MAX_ASPECT}:1 (crop or resize it first)"
+                )
+            if image.mode in _SIXTEEN_BIT_MODES:
+                gray = np.asarray(image).astype(np.float64)
+                gray = np.round(np.clip(gray, 0, 65535) * (255 / 65535)).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
+            return np.asarray(image.convert("RGB"))
+    except InvalidInputError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:
+        # PIL raises OSError subclasses, and SyntaxError or ValueError for some broken files
+        raise InvalidInputError(f"{path}: cannot read image: {err}") from None

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from res2net_jax import digits  # noqa: F401 - registers the offline `sklearn_digits` dataset
+from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.registry import IMAGENET_MEAN, IMAGENET_STD
 
 FOLDER_PREFIX = "folder:"
@@ -54,12 +56,12 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     if name.startswith(FOLDER_PREFIX):
         root = os.path.expanduser(name[len(FOLDER_PREFIX) :])
         if not os.path.isdir(root):
-            raise ValueError(f"image folder {root} does not exist")
+            raise InvalidInputError(f"image folder {root} does not exist")
         splits = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
         if not splits or not any(
             os.path.isdir(os.path.join(root, splits[0], d)) for d in os.listdir(root + "/" + splits[0])
         ):
-            raise ValueError(
+            raise InvalidInputError(
                 f"image folder {root} must hold one directory per split (train/, validation/), "
                 "each with one directory of images per class"
             )
@@ -69,17 +71,19 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     if base_name not in known:
         close = difflib.get_close_matches(base_name, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise InvalidInputError(
             f"unknown dataset {name!r}.{hint} Use a TFDS image-classification name or folder:/path/to/images"
         )
     builder = tfds.builder(name, data_dir=config.get("data_dir") or None)
     if not _is_prepared(builder):
         if base_name in _MANUAL_DATASETS:
             manual_dir = os.path.join(builder.data_dir_root, "downloads", "manual")
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{name} must be downloaded by hand: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
                 f"in {manual_dir} (from https://image-net.org), then run again to build the dataset"
             )
+        if not sys.stderr.isatty():  # TFDS's progress bars print raw escape sequences into a log
+            tfds.disable_progress_bar()
         builder.download_and_prepare()
     return builder
 
@@ -98,7 +102,7 @@ def dataset_info(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
     eval_split = config.get("eval_split") or ("validation" if "validation" in splits else "test")
     for split in (train_split, eval_split):
         if split.split("[")[0] not in splits:
-            raise ValueError(f"{config.dataset} has no split {split!r}; it has {', '.join(splits)}")
+            raise InvalidInputError(f"{config.dataset} has no split {split!r}; it has {', '.join(splits)}")
     label = builder.info.features["label"]
     return DatasetInfo(
         num_classes=label.num_classes,

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from res2net_jax.errors import InvalidInputError
+
 _NUMPY_TYPES = {
     "Float16": np.float16, "Float32": np.float32, "Float64": np.float64, "Int8": np.int8, "Int16": np.int16,
     "Int32": np.int32, "Int64": np.int64, "UInt8": np.uint8, "UInt16": np.uint16, "UInt32": np.uint32,
@@ -26,7 +28,7 @@ _CRC_MARK = b"crc_num"
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(InvalidInputError):
     """A file that is not a complete MindSpore checkpoint."""
 
 
@@ -157,7 +159,7 @@ def write(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
         for tag, value in tensors.items():
             value = np.ascontiguousarray(value)
             if value.dtype not in _TENSOR_TYPES:
-                raise ValueError(f"{tag}: MindSpore checkpoints have no {value.dtype} tensors")
+                raise InvalidInputError(f"{tag}: MindSpore checkpoints have no {value.dtype} tensors")
             dims = b"".join(_varint(1 << 3 | _VARINT) + _varint(d) for d in value.shape)
             tensor = dims + _field(2, _TENSOR_TYPES[value.dtype].encode()) + _field(3, value.tobytes())
             f.write(_field(1, _field(1, tag.encode()) + _field(2, tensor)))

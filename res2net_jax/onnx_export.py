@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal
 
-from res2net_jax.convert import new_output_path
+from res2net_jax.errors import MissingDependencyError
+from res2net_jax.outputs import atomic_output, new_output_path
 
 OPSET = 17
 _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min"}
@@ -33,7 +34,7 @@ def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"ONNX export needs {module}: pip install 'res2net_jax[onnx]'") from err
+        raise MissingDependencyError(f"ONNX export needs {module}: pip install 'res2net_jax[onnx]'") from err
 
 
 def _dims(shape: Sequence[Any], symbolic: Any) -> list[Any]:
@@ -184,9 +185,8 @@ def _emit(graph: _Graph, closed: ClosedJaxpr, inputs: list[str]) -> list[str]:
 def export_onnx(model: nn.Module, variables: Any, image_size: int, path: str | os.PathLike) -> None:
     """Writes the inference function (normalised NHWC float32 `images`, any batch -> float32 `logits`)
     as an ONNX model with the weights as initializers."""
-    import onnx
-
-    path = new_output_path(path)
+    onnx = _require("onnx")
+    new_output_path(path)  # refused before the translation, which takes a while
     leaves, tree = jax.tree.flatten(variables)
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
@@ -213,7 +213,8 @@ def export_onnx(model: nn.Module, variables: Any, image_size: int, path: str | o
     )
     onnx_model = onnx.helper.make_model(onnx_graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
     onnx.checker.check_model(onnx_model)
-    onnx.save(onnx_model, path)
+    with atomic_output(path) as staged:
+        onnx.save(onnx_model, staged)
 
 
 def load_onnx(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:

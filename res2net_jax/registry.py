@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from res2net_jax.errors import InvalidInputError
 from res2net_jax.models import DLA, Res2Net
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,7 +89,7 @@ def get_spec(name: str) -> ModelSpec:
     if canonical not in MODELS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
+        raise InvalidInputError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
     return MODELS[canonical]
 
 
@@ -109,11 +110,11 @@ def create_model(
     if jnp.dtype(dtype).name not in ("float32", "bfloat16", "float64"):
         raise ValueError(f"compute dtype must be float32 or bfloat16 (float64 to verify), got {jnp.dtype(dtype).name}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
+        raise InvalidInputError(f"num_classes must be positive, got {num_classes}")
     spec = get_spec(name)
     fields = {f.name for f in dataclasses.fields(spec.family)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"{name} has no field {', '.join(unknown)}; its fields: {', '.join(sorted(fields))}")
+        raise InvalidInputError(f"{name} has no field {', '.join(unknown)}; its fields: {', '.join(sorted(fields))}")
     kwargs = {**spec.kwargs, **overrides}
     return spec.family(**kwargs, num_classes=num_classes, dtype=dtype, axis_name=axis_name)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from res2net_jax.errors import InvalidInputError
 from res2net_jax.registry import create_model
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; only their fields are read here
@@ -75,7 +76,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     elif config.lr_schedule == "constant":
         main = optax.constant_schedule(peak)
     else:
-        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}: use 'cosine', 'step' or 'constant'")
+        raise InvalidInputError(f"unknown lr_schedule {config.lr_schedule!r}: use 'cosine', 'step' or 'constant'")
     if warmup == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
@@ -103,7 +104,7 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
     elif name == "lamb":
         tx = optax.lamb(schedule, weight_decay=wd, mask=mask)
     else:
-        raise ValueError(f"unknown optimizer {name!r}: use sgd, momentum, nesterov, adamw or lamb")
+        raise InvalidInputError(f"unknown optimizer {name!r}: use sgd, momentum, nesterov, adamw or lamb")
     if config.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     if config.grad_accum_steps > 1:

@@ -20,16 +20,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from res2net_jax import convert, input_pipeline, steps
+from res2net_jax import config_check, convert, input_pipeline, steps
+from res2net_jax import workdir as run_dir
+from res2net_jax.errors import InvalidInputError, MissingFileError, UserError
 from res2net_jax.registry import get_spec
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what was kept."""
+class TrainingError(UserError, RuntimeError):
+    """Training or evaluation cannot go on; the message says why and what was kept."""
 
 
 # --- Devices ------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def select_devices(backend: str) -> list[jax.Device]:
                 available.append(platform)
             except RuntimeError:
                 pass
-        raise ValueError(
+        raise InvalidInputError(
             f"config.backend={backend!r} but this machine has no {backend.upper()} for JAX; "
             f"available: {', '.join(available)} (or 'auto')"
         ) from None
@@ -115,7 +116,7 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> N
     for field in ("batch_size", "eval_batch_size"):
         value = config[field]
         if value % num_devices or value % jax.process_count():
-            raise ValueError(
+            raise InvalidInputError(
                 f"config.{field}={value} does not split evenly over {num_devices} devices "
                 f"({jax.process_count()} processes): use a multiple of {num_devices}"
             )
@@ -132,75 +133,22 @@ def _checkpoint_meta(config: ml_collections.ConfigDict, info: input_pipeline.Dat
     }
 
 
-class Checkpoints:
-    """The latest checkpoints (keep N, asynchronous) and the best one by top-1, in the workdir."""
-
-    def __init__(self, workdir: str, keep: int):
-        # Each manager gets its own barrier names: both save the same step at an evaluation, and across
-        # processes two asynchronous saves under one name collide ("barrier ... is already ongoing").
-        self.latest = ocp.CheckpointManager(
-            os.path.join(workdir, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=True,
-                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="latest"),
-            ),
-        )
-        self.best = ocp.CheckpointManager(
-            os.path.join(workdir, "best"),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1,
-                best_fn=lambda m: m["top1"],
-                best_mode="max",
-                create=True,
-                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best"),
-            ),
-        )
-
-    def save(self, state: steps.TrainState, meta: dict, metrics: dict | None = None) -> None:
-        step = int(state.step)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        if self.latest.latest_step() != step:
-            self.latest.save(step, args=args)
-        if metrics is not None:
-            self.best.save(step, args=args, metrics=metrics)
-
-    def restore(self, abstract_state: steps.TrainState, meta: dict) -> steps.TrainState | None:
-        step = self.latest.latest_step()
-        if step is None:
-            return None
-        found = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        differences = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
-        if differences:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differences.items())
-            raise ValueError(
-                f"the workdir holds a checkpoint of another run ({detail}); "
-                "use a new --workdir, or move the old one away to start over"
-            )
-        restored = self.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"]
-
-    def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
-
-    def close(self) -> None:
-        self.latest.close()
-        self.best.close()
-
-
-class _Sigterm:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+class _StopSignals:
+    """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop checks after each step, so that a
+    preempted or interrupted run saves its state and exits cleanly. A second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _initial_variables(config: ml_collections.ConfigDict, model: nn.Module, num_classes: int) -> Any:
@@ -226,22 +174,19 @@ def _abstract_state(
 class _Log:
     """Progress lines, TensorBoard scalars and metrics.jsonl, written by process 0 only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, directory: str):
         self.primary = jax.process_index() == 0
-        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.directory = directory
         self.writer = None
         if self.primary:
             import tensorflow as tf
 
-            self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            self.writer = tf.summary.create_file_writer(os.path.join(directory, "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drops evaluations newer than the checkpoint a resumed run restarts from: it redoes them."""
-        if self.primary and os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(kept)
+        if self.primary:
+            run_dir.keep_metrics_until(self.directory, step)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
         if self.writer is not None:
@@ -254,8 +199,7 @@ class _Log:
 
     def evaluation(self, record: dict[str, Any]) -> None:
         if self.primary:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            run_dir.append_metrics(self.directory, record)
             self.scalars(record["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")}, "eval")
 
     def print(self, message: str) -> None:
@@ -276,51 +220,86 @@ def _format_eta(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
+def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON values, as recorded in WORKDIR/config.json."""
+    return json.loads(config.to_json_best_effort())
+
+
+def _open_workdir(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """Creates the workdir, takes its lock and checks that it holds no other run (process 0 only:
+    the other processes of a multi-host run share its workdir)."""
+    if jax.process_index() != 0:
+        return None
+    os.makedirs(workdir, exist_ok=True)
+    held = run_dir.lock(workdir)
+    run_dir.check_settings(workdir, _settings(config))
+    return held
+
+
+def _diverged(what: str, bad_step: int, checkpoints: run_dir.Checkpoints, workdir: str) -> TrainingError:
+    """The error for a run whose state at `bad_step` gave a non-finite loss or held non-finite weights:
+    checkpoints from that step on are moved aside, and the message names the one kept."""
+    kept = checkpoints.keep_before(bad_step)
+    if kept is None:
+        where = f"no checkpoint before step {bad_step} was written to {workdir}"
+    else:
+        where = f"the newest checkpoint before it, step {kept}, is kept in {workdir}"
+    return TrainingError(
+        f"{what}; {where}. Rerun with a lower learning_rate (it resumes from there), or start a new --workdir "
+        "with grad_clip_norm set"
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (resuming from the workdir's latest checkpoint) and evaluates; returns the last metrics."""
-    if config.reset_head and not config.init_weights:
-        raise ValueError("config.reset_head is set but no weights to fine-tune: pass --config.init_weights=PATH")
+    """Trains (resuming from the workdir's newest good checkpoint) and evaluates; returns the last metrics.
+
+    Every config field is checked, and the devices, dataset and model are set up, before the workdir
+    is created or locked.
+    """
+    config_check.check(config)
     config, mesh, builder, info, model = _prepare(config)
     steps_per_epoch = info.num_train // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {info.num_train} training examples")
+        raise InvalidInputError(f"batch_size {config.batch_size} exceeds the {info.num_train} training examples")
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
     schedule = steps.learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = steps.create_optimizer(config, schedule)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.AXIS))
 
+    held_lock = _open_workdir(config, workdir)  # noqa: F841 - the lock lasts as long as this reference
     meta = _checkpoint_meta(config, info)
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    checkpoints = run_dir.Checkpoints(workdir, config.keep_checkpoints)
     log = _Log(workdir)
-    state = checkpoints.restore(_abstract_state(config, model, tx, replicated), meta)
-    if state is None:
-        variables = _initial_variables(config, model, info.num_classes)
-        state = jax.device_put(steps.init_train_state(config, tx, variables), replicated)
-    else:
-        log.print(f"resumed from step {int(state.step)} in {workdir}")
-    log.truncate_after(int(state.step))
-
-    train_step = steps.make_train_step(model, tx, config, mesh)
-    eval_step = steps.make_eval_step(model)
-    eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-    sigterm = _Sigterm()
-    last: dict[str, Any] = {}
-    pending: list[tuple[int, jax.Array]] = []
-    last_good = int(state.step)
-
-    def check_losses() -> None:
-        nonlocal last_good
-        for step, loss in pending:
-            if not math.isfinite(float(loss)):
-                raise TrainingError(
-                    f"the loss became {float(loss)} at step {step}; the last good checkpoint (step {last_good}) "
-                    f"is kept in {workdir}. Lower learning_rate or set grad_clip_norm, then rerun"
-                )
-        if pending:
-            last_good = pending[-1][0]
-        pending.clear()
-
+    stop = _StopSignals()
     try:
+        state = checkpoints.restore(_abstract_state(config, model, tx, replicated), meta)
+        if state is None:
+            variables = _initial_variables(config, model, info.num_classes)
+            state = jax.device_put(steps.init_train_state(config, tx, variables), replicated)
+        else:
+            log.print(f"resumed from step {int(state.step)} in {workdir}")
+        log.truncate_after(int(state.step))
+        train_step = steps.make_train_step(model, tx, config, mesh)
+        eval_step = steps.make_eval_step(model)
+        eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+        last: dict[str, Any] = {}
+        pending: list[tuple[int, jax.Array]] = []
+
+        def check_losses() -> None:
+            for step, loss in pending:
+                if not math.isfinite(float(loss)):
+                    # The loss of step N is computed on the state after N - 1 updates.
+                    raise _diverged(f"the loss became {float(loss)} at step {step}", step - 1, checkpoints, workdir)
+            pending.clear()
+
+        def save(metrics: dict | None = None) -> None:
+            check_losses()
+            try:
+                checkpoints.save(state, meta, metrics)
+            except run_dir.NonFiniteStateError as err:
+                raise _diverged(f"the weights stopped being finite ({err})", int(state.step), checkpoints,
+                                workdir) from None  # fmt: skip
+
         step = int(state.step)
         tic, tic_step = time.time(), step
         while step < total_steps:
@@ -348,27 +327,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step % eval_every == 0 or step == total_steps:
                     check_losses()
                     last = _evaluate_state(eval_step, state, builder, info, config, split, step, steps_per_epoch)
+                    if not math.isfinite(last["loss"]):
+                        raise _diverged(f"the evaluation loss became {last['loss']} at step {step}", step,
+                                        checkpoints, workdir)  # fmt: skip
                     log.evaluation(last)
                     log.print(f"eval step {step} epoch {last['epoch']:.2f}: {_summary(last)}")
-                    checkpoints.save(state, meta, {"top1": last["top1"]})
+                    save({"top1": last["top1"]})
                 elif step % config.checkpoint_every_steps == 0:
-                    check_losses()
-                    checkpoints.save(state, meta)
-                if sigterm.received:
-                    check_losses()
-                    checkpoints.save(state, meta)
+                    save()
+                if stop.received:
+                    save()
                     checkpoints.wait()
-                    log.print(f"SIGTERM: saved step {step} to {workdir}; the same command resumes from there")
+                    log.print(f"{stop.received}: saved step {step} to {workdir}; the same command resumes from there")
                     return {"preempted": True, "step": step}
                 if step >= total_steps:
                     break
-        checkpoints.save(state, meta)
+        save()
         checkpoints.wait()
+        if not last:
+            last = _evaluate_state(eval_step, state, builder, info, config, split, step, steps_per_epoch)
     finally:
-        sigterm.restore()
+        stop.restore()
         checkpoints.close()
-    if not last:
-        last = _evaluate_state(eval_step, state, builder, info, config, split, step, steps_per_epoch)
     log.print(f"final (step {last['step']}): {_summary(last)}")
     return last
 
@@ -388,16 +368,21 @@ def _evaluate_state(
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Validates config.eval_weights (a weights file or Orbax directory), else the workdir's latest checkpoint."""
+    """Validates config.eval_weights (a weights file or Orbax directory), else the workdir's newest good
+    checkpoint. A non-finite loss is an error, not a result."""
+    config_check.check(config, mode="eval")
     source = config.eval_weights or workdir
-    if not config.eval_weights and not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"no checkpoint in {workdir}: train first, or name weights with --config.eval_weights")
+    if not config.eval_weights and not os.path.isdir(os.path.join(workdir, run_dir.CHECKPOINTS)):
+        raise MissingFileError(f"no checkpoint in {workdir}: train first, or name weights with --config.eval_weights")
     config, mesh, builder, info, model = _prepare(config)
     variables = convert.load_variables(source, config.model, info.num_classes, overrides=config.model_overrides)
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
     metrics = evaluate_variables(
         steps.make_eval_step(model), variables, builder, info, config, NamedSharding(mesh, P(steps.AXIS))
     )
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingError(f"the evaluation loss of {source} is {metrics['loss']}: its weights do not compute finite "
+                            "logits on this data")  # fmt: skip
     if jax.process_index() == 0:
         print(f"eval of {source} on {config.dataset} {info.eval_split} ({info.num_eval} images): {_summary(metrics)}")
     return metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the reference runs on the CPU
 
@@ -31,7 +32,14 @@ _TIMM_BUILDERS = {
 
 # The longest files, longest first: pytest-xdist hands out whole files (--dist loadfile) in collection
 # order, so starting these early lets both workers finish together.
-SLOWEST_FIRST = ("test_train.py", "test_parity.py", "test_quickstart.py", "test_mindspore.py", "test_notebooks.py")
+SLOWEST_FIRST = (
+    "test_train.py",
+    "test_parity.py",
+    "test_quickstart.py",
+    "test_failures.py",
+    "test_mindspore.py",
+    "test_notebooks.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -126,3 +134,21 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     directory = str(tmp_path_factory.mktemp("tfds"))
     digits.SklearnDigits(data_dir=directory).download_and_prepare()
     return directory
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One persistent XLA compilation cache for a test file's main.py runs: runs of the same config skip
+    compiling (about 25 s each on 2 cores); the results are the same programs' results."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # Orbax's many small first-save programs too
+        yield
+
+
+@pytest.fixture(scope="module")
+def noise_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """folder:PATH of generated noise images in 4 classes (`launch.noise_images`)."""
+    from launch import noise_images
+
+    return noise_images(str(tmp_path_factory.mktemp("noise")))

@@ -100,7 +100,7 @@ def test_predict_command(tmp_path, tmp_weights: dict) -> None:
     )  # fmt: skip
     assert done.returncode == 1
     assert "missing.png: cannot read image" in done.stderr and "corrupt.jpg: cannot read image" in done.stderr
-    assert "2 of 7 images could not be read" in done.stderr
+    assert "2 of 7 images could not be classified" in done.stderr
     blocks = done.stdout.strip().split("\n" + str(tmp_path))
     assert len(blocks) == 5  # every readable image, in order, each with five classes
     names = set(imagenet_classes())

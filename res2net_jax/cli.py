@@ -1,0 +1,51 @@
+"""What every command-line entry point shares: a quiet start and one line per user error.
+
+`quiet_startup()` must run before TensorFlow is imported. TensorFlow 2.21 prints informational
+lines at import (the oneDNN notice through absl, which then adds "All log messages before
+absl::InitializeLog() is called ..."; the CPU-feature notice), which TF_CPP_MIN_LOG_LEVEL alone no
+longer hides. oneDNN's custom kernels serve TensorFlow's matrix products and convolutions, which the
+input pipeline does not run, so they are turned off; TensorFlow's warnings and errors still show.
+
+`run(main)` is absl's `app.run` with a `UserError` printed as one line (exit 1;
+`RES2NET_TRACEBACK=1` shows the traceback) and Ctrl-C outside a training loop ending in one line
+(exit 130).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from res2net_jax.errors import UserError
+
+
+def quiet_startup() -> None:
+    """Hide TensorFlow's informational start-up lines, unless the user set these variables."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def one_line(message: object) -> str:
+    """The message with its whitespace runs (newlines included) folded to single spaces."""
+    return " ".join(str(message).split())
+
+
+def run(main: Callable[[list[str]], Any], **app_run_kwargs: Any) -> None:
+    """absl's app.run(main), printing a UserError as one line instead of a traceback."""
+    from absl import app
+
+    def guarded(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except UserError as err:
+            if os.environ.get("RES2NET_TRACEBACK"):
+                raise
+            print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
+
+    app.run(guarded, **app_run_kwargs)

@@ -1,0 +1,343 @@
+"""A training run's directory: its lock, its settings, its checkpoints and its metrics file.
+
+    WORKDIR/.lock            held (flock) by the process that trains in it; names host and PID
+    WORKDIR/config.json      the settings of the run the workdir belongs to
+    WORKDIR/checkpoints/N/   the latest checkpoints (Orbax items `state` and `meta`)
+    WORKDIR/best/N/          the best checkpoint by top-1
+    WORKDIR/damaged/         checkpoints that failed to restore, moved aside (never deleted)
+    WORKDIR/metrics.jsonl    one JSON line per evaluation
+
+Restoring falls back from a damaged or non-finite checkpoint to the newest one that restores and is
+finite; saving refuses a non-finite state, so no checkpoint ever holds NaN or infinite values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from res2net_jax.errors import InvalidInputError, UserError
+
+CHECKPOINTS, BEST, DAMAGED = "checkpoints", "best", "damaged"
+CONFIG, METRICS, LOCK = "config.json", "metrics.jsonl", ".lock"
+# Settings a rerun may change without becoming another run: how long it trains, how often it
+# reports and saves, where the data and devices are, and the learning rate (to resume a diverged run).
+RESUMABLE_FIELDS = frozenset({
+    "num_epochs", "num_train_steps", "log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
+    "keep_checkpoints", "eval_batch_size", "data_dir", "backend", "eval_weights", "learning_rate",
+})  # fmt: skip
+
+
+class WorkdirBusyError(UserError):
+    """Another live process trains in this workdir."""
+
+
+class NonFiniteStateError(UserError):
+    """A state with NaN or infinite values, which is never checkpointed."""
+
+
+# --- Lock ---------------------------------------------------------------------------------------
+
+
+def lock(workdir: str) -> Any:
+    """Takes the workdir's lock for this process's lifetime and returns its open file (keep it).
+
+    The lock is an flock on WORKDIR/.lock: the kernel releases it when the holder exits in any way
+    (kill -9 included), so a stale lock never blocks. The file names the holder for the message.
+    """
+    path = os.path.join(workdir, LOCK)
+    handle = open(path, "a+")  # noqa: SIM115 - held open until the process ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise WorkdirBusyError(
+            f"{workdir} is in use by {holder}: wait for that run to end, or use another --workdir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"host {socket.gethostname()} PID {os.getpid()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    return handle
+
+
+# --- Settings -----------------------------------------------------------------------------------
+
+
+def check_settings(workdir: str, settings: Mapping[str, Any]) -> None:
+    """Refuses settings that make another run than the one in the workdir, then records them.
+
+    `settings` are the config as JSON values. Once the workdir holds a checkpoint or a metrics line,
+    its fields outside RESUMABLE_FIELDS must equal those of WORKDIR/config.json. (A run that left no
+    config.json, from before it was written, is checked against its checkpoints' metadata instead.)
+    """
+    path = os.path.join(workdir, CONFIG)
+    settings = json.loads(json.dumps(dict(settings)))
+    if has_run(workdir):
+        if not os.path.exists(path):
+            return
+        try:
+            with open(path) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as err:
+            raise InvalidInputError(f"{path} is unreadable ({err}): restore it, or use another --workdir") from None
+        changed = sorted(
+            k for k in set(recorded) | set(settings) if k not in RESUMABLE_FIELDS and recorded.get(k) != settings.get(k)
+        )
+        if changed:
+            detail = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in changed[:6])
+            raise InvalidInputError(
+                f"{workdir} holds another run ({detail}): use a new --workdir, or its settings to resume it"
+            )
+    _write_json_atomically(path, settings)
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(partial, path)
+
+
+def has_run(workdir: str) -> bool:
+    """Whether a run has left a checkpoint or an evaluation in the workdir."""
+    for name in (CHECKPOINTS, BEST):
+        directory = os.path.join(workdir, name)
+        if os.path.isdir(directory) and any(entry.isdigit() for entry in os.listdir(directory)):
+            return True
+    metrics = os.path.join(workdir, METRICS)
+    return os.path.exists(metrics) and os.path.getsize(metrics) > 0
+
+
+# --- Metrics ------------------------------------------------------------------------------------
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The evaluation records in WORKDIR/metrics.jsonl; a torn line (a write cut short) is dropped."""
+    path = os.path.join(workdir, METRICS)
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                print(f"warning: dropped the unreadable line {number} of {path}", file=sys.stderr, flush=True)
+    return records
+
+
+def keep_metrics_until(workdir: str, step: int) -> None:
+    """Drops records newer than `step` (a resumed run redoes them) and torn lines."""
+    kept = [record for record in read_metrics(workdir) if record.get("step", 0) <= step]
+    if kept or os.path.exists(os.path.join(workdir, METRICS)):
+        path = os.path.join(workdir, METRICS)
+        partial = f"{path}.partial"
+        with open(partial, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in kept)
+        os.replace(partial, path)
+
+
+def append_metrics(workdir: str, record: Mapping[str, Any]) -> None:
+    with open(os.path.join(workdir, METRICS), "a") as f:
+        f.write(json.dumps(dict(record)) + "\n")
+
+
+# --- Checkpoints --------------------------------------------------------------------------------
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """True when no floating-point leaf of `tree` holds NaN or an infinity."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _manager(directory: str, prefix: str, **options: Any) -> ocp.CheckpointManager:
+    # Each manager gets its own barrier names: both save the same step at an evaluation, and across
+    # processes two asynchronous saves under one name collide ("barrier ... is already ongoing").
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix),
+            **options,
+        ),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
+
+
+class Checkpoints:
+    """The latest checkpoints (keep N, asynchronous) and the best one by top-1, in the workdir."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.workdir = workdir
+        self.latest = _manager(os.path.join(workdir, CHECKPOINTS), "latest", max_to_keep=keep)
+        self.best = _manager(
+            os.path.join(workdir, BEST), "best", max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max"
+        )
+
+    def save(self, state: Any, meta: dict, metrics: dict | None = None) -> None:
+        """Saves `state` (asynchronously); a state with NaN or infinite values is refused."""
+        step = int(state.step)
+        if not bool(all_finite(state)):
+            raise NonFiniteStateError(f"the state at step {step} holds NaN or infinite values")
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if self.latest.latest_step() != step:
+            self.latest.save(step, args=args)
+        if metrics is not None:
+            self.best.save(step, args=args, metrics=metrics)
+
+    def keep_before(self, step: int) -> int | None:
+        """Moves the checkpoints of `step` and later to WORKDIR/damaged/ (a diverged run's: their weights
+        gave a NaN loss) once the saves in flight are done; returns the newest step kept, if any."""
+        self.wait()
+        bad = [s for s in self.latest.all_steps() if s >= step]
+        if bad:
+            self._move_aside(bad)
+        return self.latest.latest_step()
+
+    def restore(self, abstract_state: Any, meta: dict) -> Any | None:
+        """The newest checkpoint that restores and is finite, None if there is none.
+
+        Newer ones that fail are reported and moved to WORKDIR/damaged/; if every checkpoint fails,
+        nothing is moved and the error lists why (the run is not silently started over).
+        """
+        skipped: list[tuple[int, str]] = []
+        with _quiet_failed_reads():
+            state = self._newest_restorable(abstract_state, meta, skipped)
+        if skipped and state is None:
+            listing = "; ".join(f"step {s}: {why}" for s, why in skipped)
+            raise InvalidInputError(
+                f"no checkpoint in {self.workdir}/{CHECKPOINTS} can be restored ({listing}): "
+                "move the directory away to start over, or use another --workdir"
+            )
+        for step, why in skipped:
+            print(f"warning: skipped checkpoint step {step} ({why}); moved to {DAMAGED}/", file=sys.stderr, flush=True)
+        if skipped:
+            self._move_aside([step for step, _ in skipped])
+        return state
+
+    def _newest_restorable(self, abstract_state: Any, meta: dict, skipped: list[tuple[int, str]]) -> Any | None:
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                found = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as err:  # orbax, tensorstore and json each raise their own types
+                skipped.append((step, _reason(err)))
+                continue
+            _check_same_run(self.workdir, found, meta)
+            try:
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                state = self.latest.restore(step, args=args)["state"]
+            except Exception as err:
+                skipped.append((step, _reason(err)))
+                continue
+            if bool(all_finite(state)):
+                return state
+            skipped.append((step, "it holds NaN or infinite values"))
+        return None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            target = os.path.join(self.workdir, DAMAGED)
+            os.makedirs(target, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                source = os.path.join(self.workdir, CHECKPOINTS, str(step))
+                if os.path.exists(source):
+                    shutil.move(source, os.path.join(target, f"{CHECKPOINTS}-{step}-{stamp}"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("res2net_jax_damaged_checkpoints_moved")
+        self.latest.reload()
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+    """While restoring a damaged checkpoint fails, Orbax's other pending reads fail too and print
+    tracebacks from background coroutines and threads; the one reason reported is enough."""
+    hooks = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook, threading.excepthook = (lambda *_: None), (lambda *_: None)
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.disabled = True  # "Future exception was never retrieved"
+    try:
+        yield
+    finally:
+        gc.collect()  # the failed reads' coroutines report when collected: now, while quiet
+        sys.unraisablehook, threading.excepthook = hooks
+        asyncio_log.disabled = False
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of a failed restore, in at most about 200 characters."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _check_same_run(workdir: str, found: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    differences = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
+    if differences:
+        detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differences.items())
+        raise InvalidInputError(
+            f"{workdir} holds another run ({detail}): use a new --workdir, or its settings to resume it"
+        )
+
+
+def read_variables(workdir: str) -> dict[str, Any]:
+    """{'params', 'batch_stats'} of the newest checkpoint in WORKDIR/checkpoints that restores and is
+    finite (on the host CPU), reading nothing else and moving nothing."""
+    manager = _manager(os.path.join(workdir, CHECKPOINTS), "read")
+    on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    reasons = []
+    with _quiet_failed_reads():
+        try:
+            for step in sorted(manager.all_steps(), reverse=True):
+                try:
+                    shapes = manager.item_metadata(step)["state"]
+                    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_host), shapes)
+                    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                    state = manager.restore(step, args=args)["state"]
+                except Exception as err:  # orbax, tensorstore and json each raise their own types
+                    reasons.append(f"step {step}: {_reason(err)}")
+                    continue
+                variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+                if bool(all_finite(variables)):
+                    for reason in reasons:
+                        print(f"warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
+                    return variables
+                reasons.append(f"step {step}: it holds NaN or infinite values")
+        finally:
+            manager.close()
+    detail = f" ({'; '.join(reasons)})" if reasons else ""
+    raise InvalidInputError(f"{workdir} has no checkpoint that can be restored{detail}")
