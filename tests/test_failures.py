@@ -178,7 +178,7 @@ def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
 
 def test_a_live_workdir_is_refused_and_a_dead_holder_does_not_block(noise_folder: str, tmp_path) -> None:
     workdir = str(tmp_path)
-    first = popen(workdir, noise_folder, devices=1)
+    first = popen(workdir, noise_folder, "--config.num_train_steps=1000", devices=1)  # alive until killed
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(workdir, "config.json")) and time.time() < deadline:
         time.sleep(0.2)
