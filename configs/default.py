@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.1
     config.shuffle_buffer = 16_384
 
-    # Optimisation. batch_size is global (all devices of all hosts).
+    # Optimisation. batch_size is global (all devices of all hosts) and per pass; steps count updates.
     config.batch_size = 256
     config.eval_batch_size = 256
     config.num_epochs = 200
@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 1e-4
     config.decay_bn_and_bias = False
     config.grad_clip_norm = 0.0  # 0 disables clipping
-    config.grad_accum_steps = 1
+    config.grad_accum_steps = 1  # k > 1: each update averages k passes of batch_size (trains like k x batch_size)
     config.ema_decay = 0.0  # > 0 keeps (and evaluates) an exponential moving average of the weights
 
     # Weights to start from (fine-tuning) or to validate: a .pth/.bin/.safetensors file or Orbax directory.

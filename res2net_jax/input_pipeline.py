@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from res2net_jax import digits  # noqa: F401 - registers the offline `sklearn_digits` dataset
 from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.registry import IMAGENET_MEAN, IMAGENET_STD
+from res2net_jax.steps import update_batch_size
 
 FOLDER_PREFIX = "folder:"
 _MANUAL_DATASETS = {"imagenet2012", "imagenet2012_subset", "imagenet2012_real"}
@@ -254,14 +255,16 @@ def train_dataset(
 ) -> tf.data.Dataset:
     """This host's slice of the global training batches of `epoch`, from batch `start_batch` on.
 
-    Yields {'image': float32 (B, S, S, 3) normalised, 'label': int32 (B,)} with B = batch_size /
-    process_count; the epoch ends after num_train // batch_size full batches.
+    Yields {'image': float32 (B, S, S, 3) normalised, 'label': int32 (B,)} with B = the examples of one
+    update (batch_size x grad_accum_steps) / process_count; the epoch ends after num_train // (B x
+    process_count) full batches.
     """
-    local_batch = config.batch_size // process_count
+    global_batch = update_batch_size(config)
+    local_batch = global_batch // process_count
     epoch_seed = config.seed * 1_000_003 + epoch
     ds = _read(builder, info.train_split).enumerate()
     ds = ds.shuffle(min(info.num_train, config.shuffle_buffer), seed=epoch_seed, reshuffle_each_iteration=False)
-    ds = ds.batch(config.batch_size, drop_remainder=True).skip(start_batch)
+    ds = ds.batch(global_batch, drop_remainder=True).skip(start_batch)
     lo, hi = process_index * local_batch, (process_index + 1) * local_batch
     ds = ds.map(lambda i, ex: (i[lo:hi], {"image": ex["image"][lo:hi], "label": ex["label"][lo:hi]}))
     ds = ds.unbatch()

@@ -88,7 +88,8 @@ def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD (plain, momentum, Nesterov), AdamW or LAMB; clipping, weight decay, gradient accumulation."""
+    """SGD (plain, momentum, Nesterov), AdamW or LAMB, with clipping and weight decay. The schedule is a
+    function of the update count (gradient accumulation happens inside the train step)."""
     mask = functools.partial(weight_decay_mask, decay_bn_and_bias=config.decay_bn_and_bias)
     wd = config.weight_decay
     name = config.optimizer
@@ -107,8 +108,6 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
         raise InvalidInputError(f"unknown optimizer {name!r}: use sgd, momentum, nesterov, adamw or lamb")
     if config.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    if config.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
     return tx
 
 
@@ -157,17 +156,31 @@ def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> j
 # --- Steps ------------------------------------------------------------------------------------
 
 
+def update_batch_size(config: ml_collections.ConfigDict) -> int:
+    """Examples per optimiser update: batch_size (one forward/backward pass) x grad_accum_steps."""
+    return config.batch_size * config.grad_accum_steps
+
+
 def make_train_step(
     model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """A jitted step over the global batch; the state is replicated, the batch split over devices."""
+    """A jitted step: one optimiser update from a global batch of `update_batch_size(config)` examples;
+    the state is replicated, the batch split over devices.
+
+    With grad_accum_steps = k the batch is processed as k passes of batch_size examples (examples
+    [j * batch_size, (j + 1) * batch_size) in pass j, on any number of devices), their gradients
+    averaged: the same update as one pass over k * batch_size examples, except that BN normalises
+    each pass by its own statistics (and updates its running statistics k times).
+    """
     num_classes = model.num_classes
     ema_decay = config.ema_decay
+    passes = config.grad_accum_steps
+    num_devices = mesh.devices.size
 
-    def per_device(state: TrainState, images: jax.Array, targets: jax.Array) -> tuple[TrainState, dict]:
+    def gradients(state: TrainState, batch_stats: Any, images: jax.Array, targets: jax.Array) -> tuple:
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
             logits, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
+                {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
             )
             # The mean over the global batch. Params are replicated (invariant over AXIS), so autodiff
             # sums their gradient over devices: the gradient of this mean is already the global one.
@@ -175,6 +188,24 @@ def make_train_step(
             return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return loss, batch_stats, grads
+
+    def per_device(state: TrainState, images: jax.Array, targets: jax.Array) -> tuple[TrainState, dict]:
+        if passes == 1:
+            loss, batch_stats, grads = gradients(state, state.batch_stats, images, targets)
+        else:
+
+            def one_pass(carry: tuple, batch: tuple) -> tuple:
+                loss_sum, batch_stats, grad_sum = carry
+                loss, batch_stats, grads = gradients(state, batch_stats, *batch)
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                return (loss_sum + loss.astype(loss_sum.dtype), batch_stats, grad_sum), None
+
+            split = (x.reshape(passes, x.shape[0] // passes, *x.shape[1:]) for x in (images, targets))
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            carry = (jnp.zeros((), jnp.float32), state.batch_stats, zeros)
+            (loss_sum, batch_stats, grad_sum), _ = jax.lax.scan(one_pass, carry, tuple(split))
+            loss, grads = loss_sum / passes, jax.tree.map(lambda g: g / passes, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if ema_decay > 0:
@@ -194,12 +225,20 @@ def make_train_step(
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()))
 
+    def by_pass(x: jax.Array) -> jax.Array:
+        """Orders the global batch so that each device's shard holds its part of pass 0, then of pass 1, ...:
+        pass j is then examples [j * batch_size, (j + 1) * batch_size) whatever the device count."""
+        if passes == 1:
+            return x
+        parts = x.reshape(passes, num_devices, x.shape[0] // (passes * num_devices), *x.shape[1:])
+        return jnp.swapaxes(parts, 0, 1).reshape(x.shape)
+
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         targets = smoothed_one_hot(batch["label"], num_classes, config.label_smoothing)
         images, targets = mix_batch(rng, batch["image"].astype(model.dtype), targets, config)
-        return sharded(state, images, targets)
+        return sharded(state, by_pass(images), by_pass(targets))
 
     return train_step
 

@@ -258,9 +258,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     config_check.check(config)
     config, mesh, builder, info, model = _prepare(config)
-    steps_per_epoch = info.num_train // config.batch_size
+    # A step is one optimiser update: schedule, EMA, logs, checkpoints and epochs all count updates.
+    update_batch = steps.update_batch_size(config)
+    steps_per_epoch = info.num_train // update_batch
     if steps_per_epoch == 0:
-        raise InvalidInputError(f"batch_size {config.batch_size} exceeds the {info.num_train} training examples")
+        raise InvalidInputError(
+            f"batch_size x grad_accum_steps = {update_batch} exceeds the {info.num_train} training examples"
+        )
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
     schedule = steps.learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = steps.create_optimizer(config, schedule)
@@ -313,9 +317,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pending.append((step, metrics["loss"]))
                 if step % config.log_every_steps == 0 or step == total_steps:
                     check_losses()
-                    rate = (step - tic_step) * config.batch_size / (time.time() - tic)
+                    rate = (step - tic_step) * update_batch / (time.time() - tic)
                     loss, lr = float(metrics["loss"]), float(schedule(step))
-                    eta = _format_eta((total_steps - step) * config.batch_size / max(rate, 1e-9))
+                    eta = _format_eta((total_steps - step) * update_batch / max(rate, 1e-9))
                     log.print(
                         f"step {step}/{total_steps} [{100 * step / total_steps:3.0f}%] epoch "
                         f"{step / steps_per_epoch:.2f} loss {loss:.4f} lr {lr:.4g} {rate:.0f} img/s ETA {eta}"

@@ -91,22 +91,51 @@ def test_weight_decay_skips_bn_and_bias_by_default() -> None:
     np.testing.assert_array_equal(updates["bn"]["scale"], 0.0)
 
 
-def test_gradient_accumulation_and_clipping() -> None:
-    config = _config(optimizer="sgd", weight_decay=0.0, grad_accum_steps=2, grad_clip_norm=0.0)
-    tx = steps.create_optimizer(config, optax.constant_schedule(1.0))
+def test_clipping_bounds_the_update_norm() -> None:
     params = jax.tree.map(jnp.asarray, _params(0))
-    state = tx.init(params)
-    g1, g2 = jax.tree.map(jnp.asarray, _params(1)), jax.tree.map(jnp.asarray, _params(2))
-    first, state = tx.update(g1, state, params)
-    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(first))  # nothing applied yet
-    second, _ = tx.update(g2, state, params)
-    expected = jax.tree.map(lambda a, b: -(a + b) / 2, g1, g2)
-    for ours, theirs in zip(jax.tree.leaves(second), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
     clipped = steps.create_optimizer(_config(optimizer="sgd", weight_decay=0.0, grad_clip_norm=1.0),
                                      optax.constant_schedule(1.0))  # fmt: skip
-    updates, _ = clipped.update(g1, clipped.init(params), params)
+    updates, _ = clipped.update(jax.tree.map(jnp.asarray, _params(1)), clipped.init(params), params)
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
+
+
+@jax.enable_x64(True)
+def test_gradient_accumulation_is_one_update_of_the_averaged_passes() -> None:
+    """grad_accum_steps=2, batch_size=4: one step = one SGD update with the mean of the gradients of
+    examples 0-3 and 4-7, computed by hand pass by pass; BN running statistics updated by both passes.
+    In float64: batch statistics of four images amplify float32 rounding to about 1e-5."""
+    config = _config(optimizer="sgd", weight_decay=0.0, momentum=0.0, grad_accum_steps=2, batch_size=4, seed=0,
+                     label_smoothing=0.0, learning_rate=0.5, ema_decay=0.0)  # fmt: skip
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (steps.AXIS,))
+    model = steps.build_model(config, num_classes=3, dtype=jnp.float64).clone(
+        layers=(1, 1, 1, 1), base_width=4, axis_name=None
+    )
+    rng = np.random.RandomState(0)
+    images = jnp.asarray(rng.randn(8, 32, 32, 3))
+    labels = jnp.asarray(rng.randint(0, 3, 8).astype(np.int32))
+    variables = jax.tree.map(lambda x: x.astype(jnp.float64), model.init(jax.random.key(1), images[:1]))
+    variables["params"]["layer1_0"]["bn3"]["scale"] = jnp.ones_like(variables["params"]["layer1_0"]["bn3"]["scale"])
+    tx = steps.create_optimizer(config, optax.constant_schedule(0.5))
+    state = steps.init_train_state(config, tx, variables)
+
+    def loss_fn(params, batch_stats, x, y):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"])  # fmt: skip
+        return jnp.mean(optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, 3))), updates["batch_stats"]
+
+    grad = jax.grad(loss_fn, has_aux=True)
+    g1, stats1 = grad(variables["params"], variables["batch_stats"], images[:4], labels[:4])
+    g2, stats2 = grad(variables["params"], stats1, images[4:], labels[4:])
+    expected = jax.tree.map(lambda p, a, b: p - 0.5 * (a + b) / 2, variables["params"], g1, g2)
+
+    accumulating = steps.build_model(config, 3, jnp.float64).clone(layers=(1, 1, 1, 1), base_width=4)
+    train_step = steps.make_train_step(accumulating, tx, config, mesh)
+    new_state, _ = train_step(state, {"image": images, "label": labels})
+    for ours, theirs in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
+    for ours, theirs in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(stats2), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
+    assert int(new_state.step) == 1
 
 
 @pytest.mark.parametrize(("mixup", "cutmix"), [(0.2, 0.0), (0.0, 1.0)])
