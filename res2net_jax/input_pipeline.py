@@ -28,6 +28,7 @@ from res2net_jax.steps import update_batch_size
 
 FOLDER_PREFIX = "folder:"
 _MANUAL_DATASETS = {"imagenet2012", "imagenet2012_subset", "imagenet2012_real"}
+IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")  # as image-net.org ships them
 
 
 def hide_tf_from_accelerators() -> None:
@@ -77,15 +78,20 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         )
     builder = tfds.builder(name, data_dir=config.get("data_dir") or None)
     if not _is_prepared(builder):
+        download_config = None
         if base_name in _MANUAL_DATASETS:
             manual_dir = os.path.join(builder.data_dir_root, "downloads", "manual")
-            raise MissingFileError(
-                f"{name} must be downloaded by hand: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
-                f"in {manual_dir} (from https://image-net.org), then run again to build the dataset"
-            )
+            missing = [f for f in IMAGENET_TARS if not os.path.isfile(os.path.join(manual_dir, f))]
+            if missing:
+                raise MissingFileError(
+                    f"{name} must be downloaded by hand: {' and '.join(missing)} missing from {manual_dir} "
+                    "(from https://image-net.org, ILSVRC2012); put them there and run again to build the dataset"
+                )
+            print(f"building {name} from {manual_dir}, once (hours for the whole of ImageNet)", flush=True)
+            download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         if not sys.stderr.isatty():  # TFDS's progress bars print raw escape sequences into a log
             tfds.disable_progress_bar()
-        builder.download_and_prepare()
+        builder.download_and_prepare(download_config=download_config)
     return builder
 
 
