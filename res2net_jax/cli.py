@@ -49,3 +49,30 @@ def run(main: Callable[[list[str]], Any], **app_run_kwargs: Any) -> None:
             sys.exit(130)
 
     app.run(guarded, **app_run_kwargs)
+
+
+def load_weights(
+    weights: str, model: str | None, num_classes: int | None = None, reset_head: bool = False, ema: bool = False
+) -> tuple[str, dict[str, Any], Any, list[str] | None]:
+    """(model name, architecture overrides, Flax variables, class names or None) for a --weights path.
+
+    A training run (WORKDIR, WORKDIR/best, ...) names its own model, overrides and class names, so
+    --model may be left out; any other weights need --model.
+    """
+    from res2net_jax import convert, workdir
+    from res2net_jax.errors import InvalidInputError
+
+    source = workdir.locate(weights)
+    overrides: dict[str, Any] = {}
+    names = None
+    if source is not None:
+        run = workdir.describe(source)
+        if model is not None and model != run.model:
+            raise InvalidInputError(f"{weights} holds a {run.model}, not a {model}: leave out --model")
+        model, overrides, names = run.model, run.model_overrides, run.class_names
+    elif model is None:
+        raise InvalidInputError(f"name the model of {weights} with --model (only a training workdir says it itself)")
+    variables = convert.load_variables(weights, model, num_classes, reset_head, overrides=overrides, ema=ema)
+    if names is not None and len(names) != convert.num_classes_of(variables):
+        names = None  # a new head: the run's class names no longer apply
+    return model, overrides, variables, names

@@ -418,15 +418,10 @@ def save_variables(variables: Variables, directory: str | os.PathLike) -> None:
 
 
 def _restore_orbax(directory: str) -> Variables:
-    """Variables from an Orbax directory: one written by `save_variables`, or a training workdir
-    (the weights and BN statistics of its newest checkpoint that restores and is finite)."""
+    """Variables from an Orbax directory written by `save_variables`."""
     import orbax.checkpoint as ocp
 
-    from res2net_jax import workdir
-
     directory = os.path.abspath(directory)
-    if os.path.isdir(os.path.join(directory, workdir.CHECKPOINTS)):
-        return workdir.read_variables(directory)
     on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     try:
         checkpointer = ocp.StandardCheckpointer()
@@ -438,6 +433,26 @@ def _restore_orbax(directory: str) -> Variables:
     return {k: dict(v) for k, v in restored.items()}
 
 
+def _fit_head(
+    variables: Variables, model_name: str, num_classes: int | None, reset_head: bool, rng: jax.Array | None,
+    overrides: Overrides,
+) -> Variables:  # fmt: skip
+    """Flax variables checked against `model_name`, with a new head if `num_classes` differs and
+    `reset_head` is set (as `from_torch` does for state dicts)."""
+    found = num_classes_of(variables)
+    if num_classes and num_classes != found:
+        if not reset_head:
+            raise CheckpointMismatchError(
+                f"the checkpoint's head has {found} classes but {num_classes} were asked for: "
+                f"pass reset_head=True (--reset_head) to replace it with a new {num_classes}-class head"
+            )
+        params = dict(variables["params"])
+        params["fc"] = _init_head(model_name, num_classes, rng, overrides)
+        variables = {**variables, "params": params}
+    check_variables(variables, model_name, overrides)
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables)
+
+
 def load_variables(
     path: str | os.PathLike,
     model_name: str,
@@ -445,16 +460,22 @@ def load_variables(
     reset_head: bool = False,
     rng: jax.Array | None = None,
     overrides: Overrides = None,
+    ema: bool = False,
 ) -> Variables:
-    """Flax variables for `model_name` from an Orbax directory (variables, or a training workdir's latest
-    checkpoint) or from any file `load_state_dict` reads.
+    """Flax variables for `model_name` from a training run (WORKDIR, WORKDIR/best or one of their steps:
+    `res2net_jax.workdir.locate`; its EMA weights with `ema`), an Orbax directory of variables, or any
+    file `load_state_dict` reads.
 
     Checked strictly either way; `num_classes` and `reset_head` behave as in `from_torch`.
     """
+    from res2net_jax import workdir
+
     path = os.fspath(path)
+    if workdir.locate(path) is not None:
+        variables = workdir.read_variables(path, ema)
+        return _fit_head(variables, model_name, num_classes, reset_head, rng, overrides)
+    if ema:
+        raise InvalidInputError(f"{path} is not a training workdir: only a run's checkpoints hold EMA weights")
     if os.path.isdir(path):
-        variables = _restore_orbax(path)
-        state_dict = to_torch(variables, model_name, overrides)
-    else:
-        state_dict = load_state_dict(path)
-    return from_torch(state_dict, model_name, num_classes, reset_head, rng, overrides)
+        return _fit_head(_restore_orbax(path), model_name, num_classes, reset_head, rng, overrides)
+    return from_torch(load_state_dict(path), model_name, num_classes, reset_head, rng, overrides)

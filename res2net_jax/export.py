@@ -7,8 +7,10 @@
     python -m res2net_jax.export --format=savedmodel --model=res2net50d --weights=DIR --out=res2net50d_savedmodel
     python -m res2net_jax.export --format=onnx --model=res2net50d --weights=DIR --out=res2net50d.onnx
 
---weights takes any file `res2net_jax.convert.load_variables` reads (a .pth/.bin/.safetensors
-PyTorch state dict, a MindSpore .ckpt, or an Orbax directory). stablehlo, savedmodel and onnx write
+--weights takes a training workdir (its latest checkpoint; WORKDIR/best for the best one; --ema for the
+EMA weights), which names its own model, so --model may be left out, or any file
+`res2net_jax.convert.load_variables` reads (a .pth/.bin/.safetensors PyTorch state dict, a MindSpore
+.ckpt, or an Orbax directory) with --model. stablehlo, savedmodel and onnx write
 the inference function (normalised NHWC float32 images of --image_size, any batch size -> logits;
 see `res2net_jax.deploy` and `res2net_jax.onnx_export`). An existing --out is never overwritten, and
 the output appears under its name only once complete.
@@ -36,8 +38,16 @@ _FORMAT = flags.DEFINE_enum(
     "or an ONNX model.",
     required=True,
 )
-_MODEL = flags.DEFINE_string("model", None, "Registered model name, e.g. res2net50_26w_4s.", required=True)
-_WEIGHTS = flags.DEFINE_string("weights", None, "Input weights: a file or an Orbax directory.", required=True)
+_MODEL = flags.DEFINE_string(
+    "model", None, "Registered model name, e.g. res2net50_26w_4s (default: the one a training workdir names)."
+)
+_WEIGHTS = flags.DEFINE_string(
+    "weights",
+    None,
+    "A training workdir (WORKDIR, WORKDIR/best, or a step of either), a weights file or an Orbax directory.",
+    required=True,
+)
+_EMA = flags.DEFINE_bool("ema", False, "Export a training workdir's EMA of the weights.")
 _OUT = flags.DEFINE_string(
     "out",
     None,
@@ -65,20 +75,20 @@ def main(argv: list[str]) -> None:
         raise InvalidInputError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     out = new_output_path(_OUT.value)  # refused before any work
-    variables = convert.load_variables(
-        _WEIGHTS.value, _MODEL.value, num_classes=_NUM_CLASSES.value, reset_head=_RESET_HEAD.value
+    name, overrides, variables, _ = cli.load_weights(
+        _WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _RESET_HEAD.value, _EMA.value
     )
     if _FORMAT.value == "torch":
-        convert.save_state_dict(convert.to_torch(variables, _MODEL.value), out)
+        convert.save_state_dict(convert.to_torch(variables, name, overrides), out)
     elif _FORMAT.value == "mindspore":
-        convert.to_mindspore(variables, _MODEL.value, out)
+        convert.to_mindspore(variables, name, out, overrides)
     elif _FORMAT.value in _DEPLOY:
-        model = create_model(_MODEL.value, num_classes=convert.num_classes_of(variables))
-        image_size = _IMAGE_SIZE.value or get_spec(_MODEL.value).input_size
+        model = create_model(name, num_classes=convert.num_classes_of(variables), **overrides)
+        image_size = _IMAGE_SIZE.value or get_spec(name).input_size
         _DEPLOY[_FORMAT.value](model, variables, image_size, out)
     else:
         convert.save_variables(variables, out)
-    print(f"wrote {_MODEL.value} ({convert.num_classes_of(variables)} classes) as {_FORMAT.value} to {out}")
+    print(f"wrote {name} ({convert.num_classes_of(variables)} classes) as {_FORMAT.value} to {out}")
 
 
 if __name__ == "__main__":

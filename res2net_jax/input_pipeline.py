@@ -46,6 +46,7 @@ class DatasetInfo:
     num_eval: int
     train_split: str
     eval_split: str
+    class_names: tuple[str, ...]
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -117,6 +118,7 @@ def dataset_info(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
         num_eval=splits[eval_split].num_examples,
         train_split=train_split,
         eval_split=eval_split,
+        class_names=tuple(label.names),
     )
 
 

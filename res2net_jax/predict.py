@@ -1,6 +1,7 @@
 """Top-k ImageNet classes of image files.
 
     python -m res2net_jax.predict --model=res2net50_26w_4s --weights=model.safetensors cat.jpg dog.png
+    python -m res2net_jax.predict --weights=runs/quickstart/best digit.png   # a run names its model and classes
 
 Each unreadable or refused image (beyond `inference.MAX_PIXELS` or `MAX_ASPECT`) is reported by name
 and skipped; the exit status is then 1.
@@ -8,6 +9,8 @@ and skipped; the exit status is then 1.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from res2net_jax import cli
@@ -17,14 +20,36 @@ cli.quiet_startup()  # before anything imports TensorFlow
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from res2net_jax.convert import load_variables, num_classes_of  # noqa: E402
+from res2net_jax import workdir  # noqa: E402
+from res2net_jax.convert import num_classes_of  # noqa: E402
 from res2net_jax.errors import InvalidInputError  # noqa: E402
 from res2net_jax.inference import imagenet_classes, load_image, make_predict_fn  # noqa: E402
 from res2net_jax.registry import create_model, get_spec  # noqa: E402
 
-_MODEL = flags.DEFINE_string("model", None, "Registered model name, e.g. res2net50_26w_4s.", required=True)
-_WEIGHTS = flags.DEFINE_string("weights", None, ".pth/.bin/.safetensors file or Orbax directory.", required=True)
+_MODEL = flags.DEFINE_string(
+    "model", None, "Registered model name, e.g. res2net50_26w_4s (default: the one a training workdir names)."
+)
+_WEIGHTS = flags.DEFINE_string(
+    "weights",
+    None,
+    "A training workdir (WORKDIR, WORKDIR/best, or a step of either), a .pth/.bin/.safetensors/.ckpt "
+    "file or an Orbax directory.",
+    required=True,
+)
+_EMA = flags.DEFINE_bool("ema", False, "Use a training workdir's EMA of the weights.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+
+
+def _input_transform(weights: str, model_name: str) -> tuple[int, float]:
+    """The evaluation size and crop a training workdir's run used, else the model's defaults."""
+    source = workdir.locate(weights)
+    settings_path = os.path.join(source.root, workdir.CONFIG) if source else ""
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            settings = json.load(f)
+        return settings["image_size"], settings["crop_pct"]
+    spec = get_spec(model_name)
+    return spec.input_size, spec.crop_pct
 
 
 def main(argv: list[str]) -> None:
@@ -33,11 +58,12 @@ def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise InvalidInputError("name at least one image file to classify")
-    spec = get_spec(_MODEL.value)
-    variables = load_variables(_WEIGHTS.value, _MODEL.value)
-    model = create_model(_MODEL.value, num_classes=num_classes_of(variables))
-    predict = make_predict_fn(model, variables, _TOP_K.value, spec.input_size, spec.crop_pct)
-    names = imagenet_classes() if model.num_classes == len(imagenet_classes()) else None
+    name, overrides, variables, names = cli.load_weights(_WEIGHTS.value, _MODEL.value, ema=_EMA.value)
+    model = create_model(name, num_classes=num_classes_of(variables), **overrides)
+    input_size, crop_pct = _input_transform(_WEIGHTS.value, name)
+    predict = make_predict_fn(model, variables, min(_TOP_K.value, model.num_classes), input_size, crop_pct)
+    if names is None and model.num_classes == len(imagenet_classes()):
+        names = imagenet_classes()
     failed = []
     for path in paths:
         try:

@@ -225,14 +225,15 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def _open_workdir(config: ml_collections.ConfigDict, workdir: str) -> Any:
-    """Creates the workdir, takes its lock and checks that it holds no other run (process 0 only:
-    the other processes of a multi-host run share its workdir)."""
+def _open_workdir(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo, workdir: str) -> Any:
+    """Creates the workdir, takes its lock, checks that it holds no other run and records the settings and
+    class names (process 0 only: the other processes of a multi-host run share its workdir)."""
     if jax.process_index() != 0:
         return None
     os.makedirs(workdir, exist_ok=True)
     held = run_dir.lock(workdir)
     run_dir.check_settings(workdir, _settings(config))
+    run_dir.write_class_names(workdir, list(info.class_names))
     return held
 
 
@@ -270,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = steps.create_optimizer(config, schedule)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.AXIS))
 
-    held_lock = _open_workdir(config, workdir)  # noqa: F841 - the lock lasts as long as this reference
+    held_lock = _open_workdir(config, info, workdir)  # noqa: F841 - the lock lasts as long as this reference
     meta = _checkpoint_meta(config, info)
     checkpoints = run_dir.Checkpoints(workdir, config.keep_checkpoints)
     log = _Log(workdir)
@@ -372,21 +373,29 @@ def _evaluate_state(
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Validates config.eval_weights (a weights file or Orbax directory), else the workdir's newest good
-    checkpoint. A non-finite loss is an error, not a result."""
+    """Validates config.eval_weights (a weights file, Orbax directory or training run: see
+    `workdir.locate`), else the workdir's newest good checkpoint, and its EMA weights if the config keeps
+    them. The result is printed and appended to WORKDIR/eval.jsonl. A non-finite loss is an error."""
     config_check.check(config, mode="eval")
     source = config.eval_weights or workdir
-    if not config.eval_weights and not os.path.isdir(os.path.join(workdir, run_dir.CHECKPOINTS)):
+    if not config.eval_weights and run_dir.locate(workdir) is None:
         raise MissingFileError(f"no checkpoint in {workdir}: train first, or name weights with --config.eval_weights")
     config, mesh, builder, info, model = _prepare(config)
-    variables = convert.load_variables(source, config.model, info.num_classes, overrides=config.model_overrides)
-    variables = jax.device_put(variables, NamedSharding(mesh, P()))
-    metrics = evaluate_variables(
-        steps.make_eval_step(model), variables, builder, info, config, NamedSharding(mesh, P(steps.AXIS))
-    )
-    if not math.isfinite(metrics["loss"]):
-        raise TrainingError(f"the evaluation loss of {source} is {metrics['loss']}: its weights do not compute finite "
-                            "logits on this data")  # fmt: skip
+    eval_step = steps.make_eval_step(model)
+    record: dict[str, Any] = {"weights": os.path.abspath(source), "dataset": config.dataset, "split": info.eval_split}
+    kinds = {"": False, "ema_": True} if config.ema_decay > 0 and run_dir.locate(source) else {"": False}
+    for prefix, ema in kinds.items():
+        variables = convert.load_variables(
+            source, config.model, info.num_classes, overrides=config.model_overrides, ema=ema
+        )
+        variables = jax.device_put(variables, NamedSharding(mesh, P()))
+        metrics = evaluate_variables(eval_step, variables, builder, info, config, NamedSharding(mesh, P(steps.AXIS)))
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingError(f"the evaluation loss of {source} is {metrics['loss']}: its weights do not compute "
+                                "finite logits on this data")  # fmt: skip
+        record.update({f"{prefix}{k}": v for k, v in metrics.items()})
     if jax.process_index() == 0:
-        print(f"eval of {source} on {config.dataset} {info.eval_split} ({info.num_eval} images): {_summary(metrics)}")
-    return metrics
+        os.makedirs(workdir, exist_ok=True)
+        run_dir.append_metrics(workdir, record, run_dir.EVALUATIONS)
+        print(f"eval of {source} on {config.dataset} {info.eval_split} ({info.num_eval} images): {_summary(record)}")
+    return record

@@ -5,7 +5,9 @@
     WORKDIR/checkpoints/N/   the latest checkpoints (Orbax items `state` and `meta`)
     WORKDIR/best/N/          the best checkpoint by top-1
     WORKDIR/damaged/         checkpoints that failed to restore, moved aside (never deleted)
-    WORKDIR/metrics.jsonl    one JSON line per evaluation
+    WORKDIR/metrics.jsonl    one JSON line per evaluation during training
+    WORKDIR/eval.jsonl       one JSON line per --mode=eval
+    WORKDIR/classes.txt      the dataset's class names, one a line
 
 Restoring falls back from a damaged or non-finite checkpoint to the newest one that restores and is
 finite; saving refuses a non-finite state, so no checkpoint ever holds NaN or infinite values.
@@ -14,6 +16,7 @@ finite; saving refuses a non-finite state, so no checkpoint ever holds NaN or in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import gc
 import json
@@ -34,7 +37,8 @@ import orbax.checkpoint as ocp
 from res2net_jax.errors import InvalidInputError, UserError
 
 CHECKPOINTS, BEST, DAMAGED = "checkpoints", "best", "damaged"
-CONFIG, METRICS, LOCK = "config.json", "metrics.jsonl", ".lock"
+CONFIG, METRICS, LOCK, CLASSES = "config.json", "metrics.jsonl", ".lock", "classes.txt"
+EVALUATIONS = "eval.jsonl"  # one line per --mode=eval
 # Settings a rerun may change without becoming another run: how long it trains, how often it
 # reports and saves, where the data and devices are, and the learning rate (to resume a diverged run).
 RESUMABLE_FIELDS = frozenset({
@@ -109,12 +113,15 @@ def check_settings(workdir: str, settings: Mapping[str, Any]) -> None:
     _write_json_atomically(path, settings)
 
 
-def _write_json_atomically(path: str, value: Any) -> None:
+def _write_text_atomically(path: str, text: str) -> None:
     partial = f"{path}.partial"
     with open(partial, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(partial, path)
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+    _write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def has_run(workdir: str) -> bool:
@@ -158,8 +165,8 @@ def keep_metrics_until(workdir: str, step: int) -> None:
         os.replace(partial, path)
 
 
-def append_metrics(workdir: str, record: Mapping[str, Any]) -> None:
-    with open(os.path.join(workdir, METRICS), "a") as f:
+def append_metrics(workdir: str, record: Mapping[str, Any], name: str = METRICS) -> None:
+    with open(os.path.join(workdir, name), "a") as f:
         f.write(json.dumps(dict(record)) + "\n")
 
 
@@ -314,24 +321,103 @@ def _check_same_run(workdir: str, found: Mapping[str, Any], meta: Mapping[str, A
         )
 
 
-def read_variables(workdir: str) -> dict[str, Any]:
-    """{'params', 'batch_stats'} of the newest checkpoint in WORKDIR/checkpoints that restores and is
-    finite (on the host CPU), reading nothing else and moving nothing."""
-    manager = _manager(os.path.join(workdir, CHECKPOINTS), "read")
+# --- Reading a run: what every tool that takes weights accepts --------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The checkpoints a path names inside a run: its directory, the run's root, and a step or None
+    (the newest that restores)."""
+
+    root: str
+    directory: str
+    step: int | None
+
+
+def locate(path: str | os.PathLike) -> Source | None:
+    """The run and checkpoints `path` names: WORKDIR (its latest checkpoints), WORKDIR/best,
+    WORKDIR/checkpoints, one step of either (WORKDIR/best/N) or that step's state (WORKDIR/best/N/state);
+    None for a path outside a run."""
+    path = os.path.abspath(os.fspath(path)).rstrip(os.sep)
+    if os.path.basename(path) == "state":
+        path = os.path.dirname(path)
+    parent, name = os.path.split(path)
+    if name.isdigit() and os.path.basename(parent) in (CHECKPOINTS, BEST) and os.path.isdir(path):
+        return Source(os.path.dirname(parent), parent, int(name))
+    if name in (CHECKPOINTS, BEST) and os.path.isdir(path):
+        return Source(parent, path, None)
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        return Source(path, os.path.join(path, CHECKPOINTS), None)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What a run's files say about its model, so that no tool has to be told again."""
+
+    model: str
+    model_overrides: dict[str, Any]
+    num_classes: int
+    class_names: list[str] | None
+
+
+def describe(source: Source) -> RunInfo:
+    """The model, architecture overrides, class count and class names of the run `source` is in, from
+    the metadata its checkpoints carry and WORKDIR/classes.txt."""
+    manager = _manager(source.directory, "read")
+    try:
+        steps = [source.step] if source.step is not None else sorted(manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                break
+            except Exception:  # a damaged checkpoint: the next one says the same
+                continue
+        else:
+            raise InvalidInputError(f"{source.directory} holds no readable checkpoint")
+    finally:
+        manager.close()
+    names_path = os.path.join(source.root, CLASSES)
+    names = None
+    if os.path.exists(names_path):
+        with open(names_path) as f:
+            names = f.read().splitlines()
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("model_overrides", {}).items()}
+    return RunInfo(meta["model"], overrides, int(meta["num_classes"]), names)
+
+
+def write_class_names(workdir: str, names: list[str]) -> None:
+    """Records the dataset's class names (one a line, by index) for predict."""
+    _write_text_atomically(os.path.join(workdir, CLASSES), "".join(f"{name}\n" for name in names))
+
+
+def read_variables(path: str | os.PathLike, ema: bool = False) -> dict[str, Any]:
+    """{'params', 'batch_stats'} (or the EMA's, with `ema`) of the checkpoint `path` names (see `locate`):
+    a named step, else the newest that restores and is finite. On the host CPU; nothing is moved."""
+    source = locate(path)
+    if source is None:
+        raise InvalidInputError(f"{path} is not a training workdir or one of its checkpoints")
+    manager = _manager(source.directory, "read")
     on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    keys = ("ema_params", "ema_batch_stats") if ema else ("params", "batch_stats")
     reasons = []
     with _quiet_failed_reads():
         try:
-            for step in sorted(manager.all_steps(), reverse=True):
+            steps = [source.step] if source.step is not None else sorted(manager.all_steps(), reverse=True)
+            for step in steps:
                 try:
                     shapes = manager.item_metadata(step)["state"]
+                    if not shapes.get(keys[0]):
+                        raise InvalidInputError(f"{path} holds no EMA of the weights: its run had ema_decay 0")
                     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_host), shapes)
                     args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
                     state = manager.restore(step, args=args)["state"]
+                except UserError:
+                    raise
                 except Exception as err:  # orbax, tensorstore and json each raise their own types
                     reasons.append(f"step {step}: {_reason(err)}")
                     continue
-                variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+                variables = {"params": state[keys[0]], "batch_stats": state[keys[1]]}
                 if bool(all_finite(variables)):
                     for reason in reasons:
                         print(f"warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
@@ -340,4 +426,4 @@ def read_variables(workdir: str) -> dict[str, Any]:
         finally:
             manager.close()
     detail = f" ({'; '.join(reasons)})" if reasons else ""
-    raise InvalidInputError(f"{workdir} has no checkpoint that can be restored{detail}")
+    raise InvalidInputError(f"{path} has no checkpoint that can be restored{detail}")
