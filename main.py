@@ -21,7 +21,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (evaluating as it goes) or eval.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for multi-host runs (else auto-detected or single host)."
+    "coordinator_address",
+    None,
+    "host:port of process 0 for a multi-host run that no cluster manager started "
+    "(under Slurm, Open MPI or on a TPU pod JAX finds its peers itself).",
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
@@ -52,10 +55,7 @@ def main(argv: list[str]) -> None:
     from res2net_jax import input_pipeline, train
 
     input_pipeline.hide_tf_from_accelerators()
-    import jax
-
-    if _COORDINATOR.value or _NUM_PROCESSES.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    train.start_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
     if _MODE.value == "train":
         train.train_and_evaluate(config, workdir)

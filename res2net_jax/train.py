@@ -56,6 +56,29 @@ def select_devices(backend: str) -> list[jax.Device]:
         ) from None
 
 
+def cluster_manager(environ: dict[str, str] | None = None) -> str | None:
+    """The cluster manager that started this process as one of several, if JAX can find its peers from
+    the environment: Slurm (srun), Open MPI (mpirun) or a multi-host TPU slice; else None."""
+    env = os.environ if environ is None else environ
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(k in env for k in slurm) and int(env["SLURM_NTASKS"]) > 1:
+        return "Slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return "a multi-host TPU slice"
+    return None
+
+
+def start_processes(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Joins the processes of a multi-host run: the ones named by the arguments, or those a cluster
+    manager started (JAX reads them from its environment); a lone process starts alone."""
+    if coordinator_address or num_processes:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif cluster_manager() is not None:
+        jax.distributed.initialize()
+
+
 # --- Host side --------------------------------------------------------------------------------
 
 

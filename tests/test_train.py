@@ -174,24 +174,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_on_loopback_form_one_run(short_run: str, noise_folder: str, tmp_path) -> None:
-    """2 processes x 2 devices train like the 8-device run (same global batch).
+def _slurm(index: int, port: int) -> dict[str, str]:
+    """What srun sets for task `index` of 2 on one node; JAX_COORDINATOR_PORT replaces the port JAX
+    would derive from the job id."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+            "SLURM_PROCID": str(index), "SLURM_LOCALID": str(index), "JAX_COORDINATOR_PORT": str(port)}  # fmt: skip
+
+
+@pytest.mark.parametrize("started_by", ["flags", "slurm"])
+def test_two_processes_on_loopback_form_one_run(started_by: str, short_run: str, noise_folder: str, tmp_path) -> None:
+    """2 processes x 2 devices train like the 8-device run (same global batch), whether named by flags or
+    started by Slurm (only its environment variables, no flags).
 
     Both processes save the latest and the best checkpoint of the same step at an evaluation: this
     also guards against their Orbax barriers colliding (it hung, then aborted, before they had prefixes).
     """
     workdir = str(tmp_path)
     port = _free_port()
+    flags = {index: [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={index}"]
+             for index in range(2)}  # fmt: skip
     processes = [
         subprocess.Popen(
-            [
-                *command(workdir, noise_folder, SHORT),
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={index}",
-            ],
+            [*command(workdir, noise_folder, SHORT), *(flags[index] if started_by == "flags" else [])],
             cwd=ROOT,
-            env=env(2, cache=False),  # the two would write the same cache entries at once
+            # no compilation cache: the two would write the same cache entries at once
+            env={**env(2, cache=False), **(_slurm(index, port) if started_by == "slurm" else {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
