@@ -267,3 +267,17 @@ def test_conv_probe_times_both_frameworks(tmp_path) -> None:
     assert set(figures) == {f"{framework}_{what}_ms" for framework in ("jax", "torch")
                             for what in ("forward", "forward_backward")}  # fmt: skip
     assert all(value > 0 for value in figures.values())
+
+
+def test_train_parity_trains_both_sides(tmp_path) -> None:
+    """Two epochs, one seed a side (the recipe's 16 epochs x 8 seeds take over an hour on 2 cores)."""
+    out = str(tmp_path / "parity.json")
+    done = _script("train_parity.py", "--seeds=1", "--epochs=2", f"--out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out) as f:
+        result = json.load(f)
+    assert result["complete"] and result["settings"]["epochs"] == 2
+    for side in ("jax", "timm"):
+        (top1,) = result["sides"][side]["top1"]
+        correct = top1 * 355 / 100  # both sides evaluate the same 355 held-out digits
+        assert 0 <= top1 <= 100 and abs(correct - round(correct)) < 1e-6, result
