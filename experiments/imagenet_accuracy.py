@@ -50,6 +50,9 @@ def main(argv: list[str]) -> None:
     weights = _pairs(_WEIGHTS.value)
     report.refuse_existing(_OUT.value)
     from configs import default
+    from res2net_jax import cli
+
+    cli.quiet_startup()  # before TensorFlow is imported
     from res2net_jax import input_pipeline, registry, train
 
     input_pipeline.hide_tf_from_accelerators()
@@ -66,7 +69,7 @@ def main(argv: list[str]) -> None:
         )  # fmt: skip
         if _LAYERS.value:
             config.model_overrides.layers = tuple(int(n) for n in _LAYERS.value)
-        results[name] = {**train.evaluate(config, workdir=""), "weights": path}
+        results[name] = {**train.evaluate(config, workdir=None), "weights": path}
     settings = {
         "dataset": _DATASET.value, "split": _SPLIT.value or "validation", "image_size": _IMAGE_SIZE.value,
         "crop_pct": _CROP_PCT.value, "batch": _BATCH.value, "layers": _LAYERS.value or "the model's own",

@@ -56,6 +56,9 @@ def _images_per_second(batches: Any, count: int) -> float:
 
 def _measure(dataset: str) -> dict[str, Any]:
     from configs import default
+    from res2net_jax import cli
+
+    cli.quiet_startup()  # before TensorFlow is imported
     from res2net_jax import input_pipeline
 
     input_pipeline.hide_tf_from_accelerators()

@@ -395,13 +395,14 @@ def _evaluate_state(
     return record
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
     """Validates config.eval_weights (a weights file, Orbax directory or training run: see
     `workdir.locate`), else the workdir's newest good checkpoint, and its EMA weights if the config keeps
-    them. The result is printed and appended to WORKDIR/eval.jsonl. A non-finite loss is an error."""
+    them. The result is printed and, given a workdir, appended to WORKDIR/eval.jsonl. A non-finite loss
+    is an error."""
     config_check.check(config, mode="eval")
-    source = config.eval_weights or workdir
-    if not config.eval_weights and run_dir.locate(workdir) is None:
+    source = config.eval_weights or workdir or ""
+    if not config.eval_weights and (not workdir or run_dir.locate(workdir) is None):
         raise MissingFileError(f"no checkpoint in {workdir}: train first, or name weights with --config.eval_weights")
     config, mesh, builder, info, model = _prepare(config)
     eval_step = steps.make_eval_step(model)
@@ -418,7 +419,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
                                 "finite logits on this data")  # fmt: skip
         record.update({f"{prefix}{k}": v for k, v in metrics.items()})
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        run_dir.append_metrics(workdir, record, run_dir.EVALUATIONS)
+        if workdir:
+            os.makedirs(workdir, exist_ok=True)
+            run_dir.append_metrics(workdir, record, run_dir.EVALUATIONS)
         print(f"eval of {source} on {config.dataset} {info.eval_split} ({info.num_eval} images): {_summary(record)}")
     return record

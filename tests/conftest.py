@@ -83,14 +83,24 @@ def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def timm_variables(name: str, num_classes: int = 1000, **overrides) -> dict:
-    """Flax variables of `timm_model` (any registered name, MindCV aliases too): every weight, BN
-    statistic and affine parameter random, so every layer reaches the logits (a fresh initialisation
-    zeroes each block's last BN scale)."""
+def timm_pair(name: str, seed: int = 0, num_classes: int = 1000, **overrides) -> tuple[torch.nn.Module, dict]:
+    """`timm_model` for any registered name (MindCV aliases too) and its Flax variables: the same weights,
+    every one random, so every layer reaches the logits (a fresh initialisation zeroes each block's
+    last BN scale)."""
     from res2net_jax import convert, get_spec
 
-    model = timm_model(get_spec(name).name, num_classes=num_classes, **overrides)
-    return convert.from_torch(state_dict_numpy(model), name, overrides=overrides)
+    model = timm_model(get_spec(name).name, seed=seed, num_classes=num_classes, **overrides)
+    return model, convert.from_torch(state_dict_numpy(model), name, overrides=overrides)
+
+
+def timm_variables(name: str, num_classes: int = 1000, **overrides) -> dict:
+    """The Flax variables of `timm_pair`."""
+    return timm_pair(name, num_classes=num_classes, **overrides)[1]
+
+
+def nhwc(x: np.ndarray) -> np.ndarray:
+    """PyTorch's NCHW images as Flax's NHWC."""
+    return x.transpose(0, 2, 3, 1)
 
 
 def bn_stats_by_torch_key(params: dict, batch_stats: dict) -> dict[str, np.ndarray]:

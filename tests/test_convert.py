@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
+from conftest import images_nchw, nhwc, rel_error, state_dict_numpy, timm_model
 
 from res2net_jax import convert, create_model
 from res2net_jax.convert import CheckpointMismatchError
@@ -59,7 +59,7 @@ def test_other_class_count_needs_reset_head(state_dict: dict) -> None:
     assert float(jnp.std(variables["params"]["fc"]["kernel"])) > 0
     # The body is the checkpoint's: stage features equal those of the unchanged 1000-class model.
     full = convert.from_torch(state_dict, NAME)
-    x = jnp.asarray(images_nchw(1, 64, 64).transpose(0, 2, 3, 1))
+    x = jnp.asarray(nhwc(images_nchw(1, 64, 64)))
     ten, thousand = create_model(NAME, num_classes=10), create_model(NAME)
     ours = ten.apply(variables, x, method=ten.stage_features)[-1]
     theirs = thousand.apply(full, x, method=thousand.stage_features)[-1]

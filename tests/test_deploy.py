@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import images_nchw, rel_error, timm_variables
+from conftest import images_nchw, nhwc, rel_error, timm_variables
 
 from res2net_jax import convert, create_model, deploy, onnx_export
 
@@ -22,7 +22,7 @@ SHALLOW = {"layers": (1, 1, 1, 1)}  # the exporters are generic over the module;
 
 
 def _images(batch: int) -> np.ndarray:
-    return images_nchw(batch, SIZE, SIZE, seed=batch).transpose(0, 2, 3, 1)
+    return nhwc(images_nchw(batch, SIZE, SIZE, seed=batch))
 
 
 def _logits(model, variables: dict, images: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def test_onnx_runs_in_onnxruntime_with_the_flax_logits(name: str, overrides: dic
     onnx_export.export_onnx(model, variables, size, path)
     run = onnx_export.load_onnx(path)
     for batch in (1, 3):
-        images = images_nchw(batch, size, size, seed=batch).transpose(0, 2, 3, 1)
+        images = nhwc(images_nchw(batch, size, size, seed=batch))
         assert rel_error(run(images), _logits(model, variables, images)) <= TOLERANCE
 
 

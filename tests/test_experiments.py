@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import bn_stats_by_torch_key, images_nchw, rel_error, state_dict_numpy, timm_model
+from conftest import bn_stats_by_torch_key, images_nchw, nhwc, rel_error, timm_model, timm_pair
 from PIL import Image
 
-from res2net_jax import convert, create_model, get_spec
+from res2net_jax import create_model, get_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"compute_dtype", "train_img_s", "s_per_epoch", "infer_b256_img_s", "infer_b32_ms", "infer_b1_ms",
@@ -156,8 +156,8 @@ def test_levers_change_the_program_not_the_results(lever: str) -> None:
     levers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(levers)
     name = "res2net50_26w_4s"  # branches of 26, 52, 104 and 208 channels
-    variables = convert.from_torch(state_dict_numpy(timm_model(name, **TINY)), name, overrides={"layers": (1, 1, 1, 1)})
-    reference_32 = timm_model(name, **TINY).train()
+    reference_32, variables = timm_pair(name, **TINY)
+    reference_32.train()
     reference = copy.deepcopy(reference_32).double()
     x = images_nchw(2, 64, 64)
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_levers_change_the_program_not_the_results(lever: str) -> None:
         model = create_model(name, dtype=dtype, **TINY)
         return lambda v, images: model.apply(v, images, train=True, mutable=["batch_stats"])
 
-    images = x.transpose(0, 2, 3, 1)
+    images = nhwc(x)
     with jax.enable_x64(True):
         plain = str(jax.make_jaxpr(new_train_fn(jnp.float64))(variables, images.astype(np.float64)))
         with levers.applied(lever):

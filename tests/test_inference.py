@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import state_dict_numpy, timm_model
+from conftest import timm_pair
 from PIL import Image
 
 from res2net_jax import convert, create_model, make_predict_fn, preprocess
@@ -46,9 +46,8 @@ def test_preprocess_rejects_float_input() -> None:
 
 
 def test_predict_fn_gives_timm_top_k_and_compiles_once_per_shape() -> None:
-    reference = timm_model("res2next50")
+    reference, variables = timm_pair("res2next50")
     model = create_model("res2next50")
-    variables = convert.from_torch(state_dict_numpy(reference), "res2next50")
     predict = make_predict_fn(model, variables, top_k=5)
     images = (np.random.RandomState(1).rand(3, 240, 320, 3) * 255).astype(np.uint8)
     result = predict(images)

@@ -16,7 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import images_nchw, rel_error, timm_variables
+from conftest import images_nchw, nhwc, rel_error, timm_variables
 
 from res2net_jax import convert, create_model, ms_checkpoint
 from res2net_jax.convert import CheckpointMismatchError
@@ -43,7 +43,7 @@ def _mindspore_python() -> str:
 def _logits(name: str, variables: dict, x: np.ndarray) -> np.ndarray:
     with jax.default_matmul_precision("highest"):
         model = create_model(name, num_classes=convert.num_classes_of(variables))
-        return np.asarray(model.apply(variables, x.transpose(0, 2, 3, 1)))
+        return np.asarray(model.apply(variables, nhwc(x)))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import images_nchw, rel_error, state_dict_numpy, timm_model
+from conftest import images_nchw, nhwc, rel_error, state_dict_numpy, timm_model, timm_pair
 
 from res2net_jax import convert, create_model, get_spec, list_models
 from res2net_jax.registry import ALIASES, MODELS
@@ -66,27 +66,26 @@ def test_stage_features_match_timm_stages() -> None:
             hook.remove()
         model = create_model(name)
         variables = convert.from_torch(state_dict_numpy(reference), name)
-        features = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), method=model.stage_features)
+        features = model.apply(variables, jnp.asarray(nhwc(x)), method=model.stage_features)
         assert [info["reduction"] for info in model.feature_info] == [4, 8, 16, 32]
         for ours, theirs, info in zip(features, captured, model.feature_info, strict=True):
             assert ours.shape[-1] == info["num_chs"]
-            assert rel_error(ours, theirs.numpy().transpose(0, 2, 3, 1)) <= 1e-5
+            assert rel_error(ours, nhwc(theirs.numpy())) <= 1e-5
 
 
 def test_bfloat16_compute_keeps_float32_state() -> None:
-    reference = timm_model("res2net50_26w_4s")
-    variables = convert.from_torch(state_dict_numpy(reference), "res2net50_26w_4s")
+    reference, variables = timm_pair("res2net50_26w_4s")
     x = images_nchw(4, 64, 64)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
     model = create_model("res2net50_26w_4s", dtype=jnp.bfloat16)
     train_step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
-    logits, updates = train_step(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    logits, updates = train_step(variables, jnp.asarray(nhwc(x)))
     assert logits.dtype == jnp.float32
     assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
     init = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     assert {leaf.dtype for leaf in jax.tree.leaves(init)} == {jnp.dtype(jnp.float32)}
-    eval_logits = jax.jit(model.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    eval_logits = jax.jit(model.apply)(variables, jnp.asarray(nhwc(x)))
     assert rel_error(eval_logits, expected) < 0.05  # bfloat16 keeps 8 bits of mantissa
     assert np.array_equal(np.argmax(eval_logits, -1), np.argmax(expected, -1))
 
@@ -110,13 +109,12 @@ def test_bad_inputs_are_explained() -> None:
 
 def test_minimum_and_odd_sizes_match_timm() -> None:
     """32x32 (a 1x1 final feature map) and 33x47 (odd sizes through every stride-2 layer)."""
-    reference = timm_model("res2net50d", num_classes=7)
-    variables = convert.from_torch(state_dict_numpy(reference), "res2net50d")
+    reference, variables = timm_pair("res2net50d", num_classes=7)
     apply = jax.jit(create_model("res2net50d", num_classes=7).apply)
     for height, width in [(32, 32), (33, 47)]:
         x = images_nchw(2, height, width)
         with torch.no_grad():
             expected = reference(torch.from_numpy(x)).numpy()
         with jax.default_matmul_precision("highest"):
-            logits = apply(variables, x.transpose(0, 2, 3, 1))
+            logits = apply(variables, nhwc(x))
         assert rel_error(logits, expected) <= 1e-5

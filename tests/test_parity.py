@@ -9,7 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import bn_stats_by_torch_key, images_nchw, rel_error, state_dict_numpy, timm_model, timm_variables
+from conftest import (
+    bn_stats_by_torch_key,
+    images_nchw,
+    nhwc,
+    rel_error,
+    state_dict_numpy,
+    timm_model,
+    timm_pair,
+    timm_variables,
+)
 
 from res2net_jax import convert, create_model
 from res2net_jax.registry import MODELS
@@ -21,10 +30,6 @@ SMALL_SIZE = {"dla60_res2net": (64, 96), "dla60_res2next": (64, 96)}
 ODD_SIZE = (97, 113)
 
 
-def _nhwc(x: np.ndarray) -> jnp.ndarray:
-    return jnp.asarray(x.transpose(0, 2, 3, 1))
-
-
 # Train mode runs the same blocks as eval mode; these deeper networks repeat their 50-layer
 # counterparts' blocks (the same code), so their train mode is covered there and they are checked
 # in eval mode and through the checkpoint round trip, which cover their depth and every key.
@@ -33,16 +38,15 @@ DEEPER_REPEATS = {"res2net101_26w_4s", "res2net101d", "res2net152", "res2net152_
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_eval_logits_and_checkpoint_round_trip_match_timm(name: str) -> None:
-    reference = timm_model(name)
+    reference, variables = timm_pair(name)
     state_dict = state_dict_numpy(reference)
-    variables = convert.from_torch(state_dict, name)
     x = images_nchw(2, *SMALL_SIZE.get(name, ODD_SIZE))
 
     # Eval mode, float32: within 1e-5 of timm.
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
     with jax.default_matmul_precision("highest"):
-        logits = jax.jit(lambda v, x: create_model(name).apply(v, x, train=False))(variables, _nhwc(x))
+        logits = jax.jit(lambda v, x: create_model(name).apply(v, x, train=False))(variables, nhwc(x))
     assert logits.shape == expected.shape
     assert rel_error(logits, expected) <= TOLERANCE
 
@@ -55,9 +59,8 @@ def test_train_mode_logits_and_bn_update_match_timm(name: str) -> None:
     """Train mode (batch statistics). Normalising by the statistics of 2 images amplifies float32
     rounding (timm float32 vs timm float64 differ by 2e-5 to 1e-3 here), so exactness is checked in
     float64 on both sides, and float32 must be as accurate as timm's own float32."""
-    reference = timm_model(name)
+    reference, variables = timm_pair(name)
     state_dict = state_dict_numpy(reference)
-    variables = convert.from_torch(state_dict, name)
     x = images_nchw(2, *SMALL_SIZE.get(name, ODD_SIZE))
     reference_64 = copy.deepcopy(reference).double().train()
     reference.train()
@@ -68,7 +71,7 @@ def test_train_mode_logits_and_bn_update_match_timm(name: str) -> None:
     with jax.enable_x64(True):
         model_64 = create_model(name, dtype=jnp.float64)
         logits_64, updates_64 = jax.jit(lambda v, x: model_64.apply(v, x, train=True, mutable=["batch_stats"]))(
-            variables, _nhwc(x).astype(jnp.float64)
+            variables, nhwc(x).astype(jnp.float64)
         )
         stats_64 = bn_stats_by_torch_key(variables["params"], updates_64["batch_stats"])
     assert rel_error(logits_64, expected_64) <= F64_TOLERANCE
@@ -81,7 +84,7 @@ def test_train_mode_logits_and_bn_update_match_timm(name: str) -> None:
     with jax.default_matmul_precision("highest"):
         model_32 = create_model(name)
         logits_32, _ = jax.jit(lambda v, x: model_32.apply(v, x, train=True, mutable=["batch_stats"]))(
-            variables, _nhwc(x)
+            variables, nhwc(x)
         )
     assert rel_error(logits_32, expected_64) <= 2 * rel_error(expected_32, expected_64) + 1e-6
 
@@ -95,14 +98,13 @@ def assert_state_dicts_equal(actual: dict, expected: dict) -> None:
 
 @pytest.mark.parametrize("name", ["res2net50_26w_4s", "res2net50d", "res2next50", "dla60_res2net"])
 def test_224px_jitted_matches_timm(name: str) -> None:
-    reference = timm_model(name, seed=1)
-    variables = convert.from_torch(state_dict_numpy(reference), name)
+    reference, variables = timm_pair(name, seed=1)
     model = create_model(name)
     x = images_nchw(2, 224, 224, seed=1)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
     with jax.default_matmul_precision("highest"):
-        logits = jax.jit(model.apply)(variables, _nhwc(x))
+        logits = jax.jit(model.apply)(variables, nhwc(x))
     assert rel_error(logits, expected) <= TOLERANCE
 
 
@@ -123,7 +125,7 @@ def test_train_mode_gradients_match_timm(name: str) -> None:
         def loss_fn(params: dict) -> jax.Array:
             logits, _ = model.apply(
                 {"params": params, "batch_stats": variables["batch_stats"]},
-                _nhwc(x).astype(jnp.float64),
+                nhwc(x).astype(jnp.float64),
                 train=True,
                 mutable=["batch_stats"],
             )
