@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 import report
 from absl import app, flags
+
+from res2net_jax import workdir as workdir_files
 
 _SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds 0 .. N-1 on each side.")
 _EPOCHS = flags.DEFINE_integer("epochs", 16, "Training epochs (the recipe's 16; fewer only to test the script).")
@@ -98,9 +99,9 @@ def train_jax(seed: int, epochs: int, data_dir: str, overrides: list[str]) -> fl
              f"--config.data_dir={data_dir}", f"--config.seed={seed}", f"--config.num_epochs={epochs}", *overrides],
             cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
         )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return float(re.search(r"^final \(step \d+\): top-1 ([\d.]+)%", done.stdout, re.MULTILINE).group(1))
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        return float(workdir_files.read_metrics(workdir)[-1]["top1"])  # the final evaluation, unrounded
 
 
 def summary(values: list[float]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Res2Net image classification in JAX/Flax, exact against timm's weights."""
 
-from res2net_jax import convert
+from res2net_jax import convert, weight_files
 from res2net_jax.inference import Prediction, make_predict_fn, preprocess
 from res2net_jax.models import DLA, Bottle2neck, Res2Net
 from res2net_jax.registry import ModelSpec, create_model, get_spec, list_models
@@ -17,5 +17,6 @@ __all__ = [
     "list_models",
     "make_predict_fn",
     "preprocess",
+    "weight_files",
 ]
 __version__ = "0.1.0"

@@ -59,7 +59,7 @@ def load_weights(
     A training run (WORKDIR, WORKDIR/best, ...) names its own model, overrides and class names, so
     --model may be left out; any other weights need --model.
     """
-    from res2net_jax import convert, workdir
+    from res2net_jax import convert, weight_files, workdir
     from res2net_jax.errors import InvalidInputError
 
     source = workdir.locate(weights)
@@ -72,7 +72,7 @@ def load_weights(
         model, overrides, names = run.model, run.model_overrides, run.class_names
     elif model is None:
         raise InvalidInputError(f"name the model of {weights} with --model (only a training workdir says it itself)")
-    variables = convert.load_variables(weights, model, num_classes, reset_head, overrides=overrides, ema=ema)
+    variables = weight_files.load_variables(weights, model, num_classes, reset_head, overrides=overrides, ema=ema)
     if names is not None and len(names) != convert.num_classes_of(variables):
         names = None  # a new head: the run's class names no longer apply
     return model, overrides, variables, names

@@ -10,14 +10,15 @@ MindCV (MindSpore) names the same tensors differently (`timm_to_mindcv`): `fc` -
 `downsample` -> `down_sample`, BN `gamma/beta/moving_mean/moving_variance`, and its v1b networks put
 no pooling layer in layer1's shortcut, so `layer1.0.downsample.1/.2` are `layer1.0.down_sample.0/.1`
 there. Layouts are the same as PyTorch's.
+
+This module is the mapping alone, pure functions over state dicts and variables; reading and writing
+files is `res2net_jax.weight_files`.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import re
-import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,10 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from res2net_jax import ms_checkpoint
-from res2net_jax.errors import InvalidInputError, MissingDependencyError, MissingFileError, UserError
+from res2net_jax.errors import InvalidInputError
 from res2net_jax.models import Res2Net
-from res2net_jax.outputs import atomic_output
 from res2net_jax.registry import MODELS, create_model, get_spec
 
 Variables = dict[str, Any]
@@ -87,7 +86,7 @@ def _expected_cached(model_name: str, num_classes: int, overrides: tuple) -> dic
     return torch_layout(shapes)
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor; numpy has no bfloat16, so widen it first
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
@@ -160,7 +159,7 @@ def from_torch(
     is an error unless `reset_head` is set: then its head is dropped and a freshly initialised one
     (from `rng`) takes its place, as for fine-tuning ImageNet weights on a new dataset.
     """
-    state_dict = {k: _to_numpy(v) for k, v in state_dict.items()}
+    state_dict = {k: to_numpy(v) for k, v in state_dict.items()}
     file_classes = _head_classes(state_dict)
     num_classes = num_classes or file_classes or 1000
     expected = _expected(model_name, num_classes, overrides)
@@ -282,12 +281,12 @@ def mindcv_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     return renamed
 
 
-def _looks_mindcv(state_dict: Mapping[str, Any]) -> bool:
+def looks_mindcv(state_dict: Mapping[str, Any]) -> bool:
     return any(key.endswith((".moving_mean", ".gamma")) or key.startswith("classifier.") for key in state_dict)
 
 
-def _check_mindcv_can_build(model_name: str, overrides: Overrides) -> None:
-    """MindCV's Res2Net class has no DLA and no grouped 3x3 convs (Res2NeXt): refuse those early."""
+def check_mindcv_can_build(model_name: str, overrides: Overrides) -> None:
+    """MindCV's Res2Net class has no DLA and no grouped 3x3 convs (Res2NeXt): refused before any writing."""
     spec = get_spec(model_name)
     cardinality = {**spec.kwargs, **dict(overrides or {})}.get("cardinality", 1)
     if spec.family is not Res2Net or cardinality != 1:
@@ -298,142 +297,7 @@ def _check_mindcv_can_build(model_name: str, overrides: Overrides) -> None:
         )
 
 
-def to_mindspore(variables: Variables, model_name: str, path: str | os.PathLike, overrides: Overrides = None) -> None:
-    """Writes Flax variables as a MindSpore `.ckpt` that MindCV's network of the same name loads.
-
-    An existing `path` is never overwritten.
-    """
-    _check_mindcv_can_build(model_name, overrides)
-    state_dict = timm_to_mindcv(to_torch(variables, model_name, overrides))
-    with atomic_output(path) as staged:
-        ms_checkpoint.write(state_dict, staged)
-
-
-def from_mindspore(
-    path: str | os.PathLike,
-    model_name: str,
-    num_classes: int | None = None,
-    reset_head: bool = False,
-    rng: jax.Array | None = None,
-    overrides: Overrides = None,
-) -> Variables:
-    """Flax variables from a MindSpore `.ckpt` of a MindCV Res2Net; arguments as in `from_torch`."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"MindSpore checkpoint not found: {path}")
-    state_dict = mindcv_to_timm(ms_checkpoint.read(path))
-    return from_torch(state_dict, model_name, num_classes, reset_head, rng, overrides)
-
-
-# --- Files -------------------------------------------------------------------------------------
-
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-
-
-def _is_safetensors(head: bytes) -> bool:
-    return len(head) >= 9 and struct.unpack("<Q", head[:8])[0] > 0 and head[8:9] == b"{"
-
-
-def _unwrap(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The state dict inside a training checkpoint, without DataParallel's 'module.' prefix."""
-    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    if checkpoint and all(k.startswith("module.") for k in checkpoint):
-        checkpoint = {k.removeprefix("module."): v for k, v in checkpoint.items()}
-    return dict(checkpoint)
-
-
-def _import_torch(path: str) -> Any:
-    try:
-        import torch
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"reading or writing the PyTorch pickle {path} needs torch (pip install torch); "
-            "safetensors files need only the safetensors package"
-        ) from err
-    return torch
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A timm-named state dict from a .pth/.bin torch pickle, a .safetensors file or a MindSpore .ckpt,
-    told apart by content; MindCV names (from a .ckpt or a MindSpore safetensors file) are renamed."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MissingFileError(f"weights file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    try:
-        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-            torch = _import_torch(path)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        elif _is_safetensors(head):
-            from safetensors.numpy import load_file
-
-            checkpoint = load_file(path)
-        elif head[:1] == b"\x0a":  # protobuf field 1, length-delimited: a MindSpore checkpoint
-            checkpoint = ms_checkpoint.read(path)
-        else:
-            raise InvalidInputError(
-                f"cannot read weights file {path}: it is neither a PyTorch checkpoint (.pth/.bin), a safetensors "
-                "file nor a MindSpore .ckpt"
-            )
-    except (ImportError, UserError):
-        raise
-    except Exception as err:  # torch, zipfile and safetensors each raise their own types
-        raise InvalidInputError(f"cannot read weights file {path}: {err}") from err
-    if not isinstance(checkpoint, Mapping):
-        raise InvalidInputError(f"weights file {path} holds a {type(checkpoint).__name__}, not a state dict")
-    state_dict = {k: _to_numpy(v) for k, v in _unwrap(checkpoint).items()}
-    return mindcv_to_timm(state_dict) if _looks_mindcv(state_dict) else state_dict
-
-
-def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Writes a state dict as .safetensors, or as a torch pickle for .pth/.pt/.bin.
-
-    An existing `path` is never overwritten, and a failed write leaves nothing under its name.
-    """
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
-        with atomic_output(path) as staged:
-            save_file(dict(state_dict), staged)
-    elif path.endswith(_TORCH_SUFFIXES):
-        torch = _import_torch(path)
-        with atomic_output(path) as staged:
-            torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, staged)
-    else:
-        raise InvalidInputError(f"cannot tell the format of {path}: name it .safetensors, .pth, .pt or .bin")
-
-
-def save_variables(variables: Variables, directory: str | os.PathLike) -> None:
-    """Writes Flax variables as an Orbax checkpoint directory (which must not exist yet)."""
-    import orbax.checkpoint as ocp
-
-    with atomic_output(directory) as staged:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staged, variables)
-        checkpointer.wait_until_finished()
-
-
-def _restore_orbax(directory: str) -> Variables:
-    """Variables from an Orbax directory written by `save_variables`."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    try:
-        checkpointer = ocp.StandardCheckpointer()
-        shapes = checkpointer.metadata(directory).item_metadata
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_host), shapes)
-        restored = checkpointer.restore(directory, target)
-    except Exception as err:  # orbax raises several types for a directory it cannot read
-        raise InvalidInputError(f"cannot read {directory} as Flax variables or a training workdir: {err}") from err
-    return {k: dict(v) for k, v in restored.items()}
-
-
-def _fit_head(
+def fit_head(
     variables: Variables, model_name: str, num_classes: int | None, reset_head: bool, rng: jax.Array | None,
     overrides: Overrides,
 ) -> Variables:  # fmt: skip
@@ -451,31 +315,3 @@ def _fit_head(
         variables = {**variables, "params": params}
     check_variables(variables, model_name, overrides)
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables)
-
-
-def load_variables(
-    path: str | os.PathLike,
-    model_name: str,
-    num_classes: int | None = None,
-    reset_head: bool = False,
-    rng: jax.Array | None = None,
-    overrides: Overrides = None,
-    ema: bool = False,
-) -> Variables:
-    """Flax variables for `model_name` from a training run (WORKDIR, WORKDIR/best or one of their steps:
-    `res2net_jax.workdir.locate`; its EMA weights with `ema`), an Orbax directory of variables, or any
-    file `load_state_dict` reads.
-
-    Checked strictly either way; `num_classes` and `reset_head` behave as in `from_torch`.
-    """
-    from res2net_jax import workdir
-
-    path = os.fspath(path)
-    if workdir.locate(path) is not None:
-        variables = workdir.read_variables(path, ema)
-        return _fit_head(variables, model_name, num_classes, reset_head, rng, overrides)
-    if ema:
-        raise InvalidInputError(f"{path} is not a training workdir: only a run's checkpoints hold EMA weights")
-    if os.path.isdir(path):
-        return _fit_head(_restore_orbax(path), model_name, num_classes, reset_head, rng, overrides)
-    return from_torch(load_state_dict(path), model_name, num_classes, reset_head, rng, overrides)

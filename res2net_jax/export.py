@@ -9,7 +9,7 @@
 
 --weights takes a training workdir (its latest checkpoint; WORKDIR/best for the best one; --ema for the
 EMA weights), which names its own model, so --model may be left out, or any file
-`res2net_jax.convert.load_variables` reads (a .pth/.bin/.safetensors PyTorch state dict, a MindSpore
+`res2net_jax.weight_files.load_variables` reads (a .pth/.bin/.safetensors PyTorch state dict, a MindSpore
 .ckpt, or an Orbax directory) with --model. stablehlo, savedmodel and onnx write
 the inference function (normalised NHWC float32 images of --image_size, any batch size -> logits;
 see `res2net_jax.deploy` and `res2net_jax.onnx_export`). An existing --out is never overwritten, and
@@ -24,7 +24,7 @@ cli.quiet_startup()  # before anything imports TensorFlow
 
 from absl import flags, logging  # noqa: E402
 
-from res2net_jax import convert, deploy, onnx_export  # noqa: E402
+from res2net_jax import convert, deploy, onnx_export, weight_files  # noqa: E402
 from res2net_jax.errors import InvalidInputError  # noqa: E402
 from res2net_jax.outputs import new_output_path  # noqa: E402
 from res2net_jax.registry import create_model, get_spec  # noqa: E402
@@ -79,15 +79,15 @@ def main(argv: list[str]) -> None:
         _WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _RESET_HEAD.value, _EMA.value
     )
     if _FORMAT.value == "torch":
-        convert.save_state_dict(convert.to_torch(variables, name, overrides), out)
+        weight_files.save_state_dict(convert.to_torch(variables, name, overrides), out)
     elif _FORMAT.value == "mindspore":
-        convert.to_mindspore(variables, name, out, overrides)
+        weight_files.to_mindspore(variables, name, out, overrides)
     elif _FORMAT.value in _DEPLOY:
         model = create_model(name, num_classes=convert.num_classes_of(variables), **overrides)
         image_size = _IMAGE_SIZE.value or get_spec(name).input_size
         _DEPLOY[_FORMAT.value](model, variables, image_size, out)
     else:
-        convert.save_variables(variables, out)
+        weight_files.save_variables(variables, out)
     print(f"wrote {name} ({convert.num_classes_of(variables)} classes) as {_FORMAT.value} to {out}")
 
 

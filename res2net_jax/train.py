@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from res2net_jax import config_check, convert, input_pipeline, steps
+from res2net_jax import config_check, input_pipeline, steps, weight_files
 from res2net_jax import workdir as run_dir
 from res2net_jax.errors import InvalidInputError, MissingFileError, UserError
 from res2net_jax.registry import get_spec
@@ -178,7 +178,7 @@ def _initial_variables(config: ml_collections.ConfigDict, model: nn.Module, num_
     """config.init_weights (with a new head if reset_head), else a fresh initialisation."""
     init_rng, head_rng = jax.random.split(jax.random.key(config.seed))
     if config.init_weights:
-        return convert.load_variables(
+        return weight_files.load_variables(
             config.init_weights, config.model, num_classes, config.reset_head, head_rng, config.model_overrides
         )
     image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
@@ -409,7 +409,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
     record: dict[str, Any] = {"weights": os.path.abspath(source), "dataset": config.dataset, "split": info.eval_split}
     kinds = {"": False, "ema_": True} if config.ema_decay > 0 and run_dir.locate(source) else {"": False}
     for prefix, ema in kinds.items():
-        variables = convert.load_variables(
+        variables = weight_files.load_variables(
             source, config.model, info.num_classes, overrides=config.model_overrides, ema=ema
         )
         variables = jax.device_put(variables, NamedSharding(mesh, P()))

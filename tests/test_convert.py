@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import images_nchw, nhwc, rel_error, state_dict_numpy, timm_model
 
-from res2net_jax import convert, create_model
+from res2net_jax import convert, create_model, weight_files
 from res2net_jax.convert import CheckpointMismatchError
 
 NAME = "res2net50_26w_4s"
@@ -78,43 +78,43 @@ def test_loader_reads_every_torch_format(tmp_path, state_dict: dict, tmp_weights
     half = tmp_path / "half.pth"
     torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}, half)
     for path in [tmp_weights["pth"], tmp_weights["safetensors"], legacy, wrapped]:
-        loaded = convert.load_state_dict(path)
+        loaded = weight_files.load_state_dict(path)
         assert set(loaded) == set(state_dict)
         for key, value in state_dict.items():
             np.testing.assert_array_equal(loaded[key], value, err_msg=f"{path}: {key}")
-    loaded_half = convert.load_state_dict(half)
+    loaded_half = weight_files.load_state_dict(half)
     assert rel_error(loaded_half["fc.weight"], state_dict["fc.weight"]) < 1e-2
 
 
 def test_unreadable_files_name_the_file(tmp_path, tmp_weights: dict) -> None:
     with pytest.raises(FileNotFoundError, match="weights file not found: .*nowhere.pth"):
-        convert.load_state_dict(tmp_path / "nowhere.pth")
+        weight_files.load_state_dict(tmp_path / "nowhere.pth")
     text = tmp_path / "notes.pth"
     text.write_text("these are not weights")
     with pytest.raises(ValueError, match="notes.pth.*neither a PyTorch checkpoint"):
-        convert.load_state_dict(text)
+        weight_files.load_state_dict(text)
     for kind in ["pth", "safetensors"]:
         truncated = tmp_path / f"truncated.{kind}"
         truncated.write_bytes(open(tmp_weights[kind], "rb").read()[:100_000])
         with pytest.raises(ValueError, match=f"cannot read weights file .*truncated.{kind}"):
-            convert.load_state_dict(truncated)
+            weight_files.load_state_dict(truncated)
     not_a_dict = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), not_a_dict)
     with pytest.raises(ValueError, match="holds a Tensor, not a state dict"):
-        convert.load_state_dict(not_a_dict)
+        weight_files.load_state_dict(not_a_dict)
 
 
 def test_orbax_directory_round_trip(tmp_path, state_dict: dict) -> None:
     variables = convert.from_torch(state_dict, NAME)
     directory = tmp_path / "flax"
-    convert.save_variables(variables, directory)
+    weight_files.save_variables(variables, directory)
     with pytest.raises(FileExistsError, match="exists"):
-        convert.save_variables(variables, directory)
-    restored = convert.load_variables(directory, NAME)
+        weight_files.save_variables(variables, directory)
+    restored = weight_files.load_variables(directory, NAME)
     for ours, theirs in zip(jax.tree.leaves(restored), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(ours, theirs)
     with pytest.raises(CheckpointMismatchError, match="does not fit res2net101d"):
-        convert.load_variables(directory, "res2net101d")
+        weight_files.load_variables(directory, "res2net101d")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -130,7 +130,7 @@ def test_export_cli_converts_both_ways_and_never_overwrites(tmp_path, state_dict
     assert "wrote res2net50 (1000 classes) as orbax" in done.stdout
     done = _run("res2net_jax.export", "--format=torch", "--model=res2net50", f"--weights={flax_dir}", f"--out={back}")
     assert done.returncode == 0, done.stderr
-    reloaded = convert.load_state_dict(back)
+    reloaded = weight_files.load_state_dict(back)
     for key, value in state_dict.items():
         np.testing.assert_array_equal(reloaded[key], value, err_msg=key)
     before = back.read_bytes()

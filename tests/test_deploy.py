@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import images_nchw, nhwc, rel_error, timm_variables
 
-from res2net_jax import convert, create_model, deploy, onnx_export
+from res2net_jax import convert, create_model, deploy, onnx_export, weight_files
 
 NAME = "res2net50d"
 SIZE = 64
@@ -79,7 +79,7 @@ def test_onnx_runs_in_onnxruntime_with_the_flax_logits(name: str, overrides: dic
 def test_export_cli_writes_stablehlo_of_a_full_model(tmp_path) -> None:
     variables = timm_variables(NAME, num_classes=10)
     weights, out = tmp_path / "weights.safetensors", tmp_path / "cli.jaxexport"
-    convert.save_state_dict(convert.to_torch(variables, NAME), weights)
+    weight_files.save_state_dict(convert.to_torch(variables, NAME), weights)
     done = subprocess.run(
         [sys.executable, "-m", "res2net_jax.export", "--format=stablehlo", f"--model={NAME}", f"--weights={weights}",
          f"--out={out}", f"--image_size={SIZE}"],

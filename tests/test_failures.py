@@ -24,7 +24,7 @@ import pytest
 from launch import ROOT, assert_one_line_error, env, metrics, popen, run
 from PIL import Image
 
-from res2net_jax import config_check, convert, errors, inference
+from res2net_jax import config_check, convert, errors, inference, weight_files
 from res2net_jax import workdir as run_dir
 
 OVERRIDES = {"layers": (1, 1, 1, 1), "base_width": 4}
@@ -78,10 +78,10 @@ def test_divergence_without_a_checkpoint_says_none_was_kept(noise_folder: str, t
 
 
 def test_evaluating_non_finite_weights_fails(finished_run: str, noise_folder: str, tmp_path) -> None:
-    variables = convert.load_variables(finished_run, "res2net50", overrides=OVERRIDES)
+    variables = weight_files.load_variables(finished_run, "res2net50", overrides=OVERRIDES)
     variables["params"]["layer1_0"]["conv1"]["kernel"] = variables["params"]["layer1_0"]["conv1"]["kernel"] * np.inf
     weights = str(tmp_path / "inf.safetensors")
-    convert.save_state_dict(convert.to_torch(variables, "res2net50", OVERRIDES), weights)
+    weight_files.save_state_dict(convert.to_torch(variables, "res2net50", OVERRIDES), weights)
     done = run(str(tmp_path / "eval"), noise_folder, f"--config.eval_weights={weights}", mode="eval", devices=1)
     assert_one_line_error(done, "the evaluation loss of")
     assert "top-1" not in done.stdout
@@ -149,8 +149,8 @@ def test_damaged_checkpoints_are_skipped_and_the_run_ends_as_if_undamaged(
     assert metrics(workdir) == metrics(finished_run)
     assert done.stdout.strip().splitlines()[-1].startswith("final (step 6): top-1 ")
     assert sorted(os.listdir(os.path.join(workdir, "damaged")))  # moved aside, not deleted
-    ours = convert.load_variables(workdir, "res2net50", overrides=OVERRIDES)["params"]
-    theirs = convert.load_variables(finished_run, "res2net50", overrides=OVERRIDES)["params"]
+    ours = weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)["params"]
+    theirs = weight_files.load_variables(finished_run, "res2net50", overrides=OVERRIDES)["params"]
     np.testing.assert_array_equal(ours["fc"]["bias"], theirs["fc"]["bias"])
 
 
@@ -160,7 +160,7 @@ def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
     workdir = str(tmp_path / "run")
     shutil.copytree(finished_run, workdir)
     _write_nan_checkpoint(workdir, 6)
-    variables = convert.load_variables(workdir, "res2net50", overrides=OVERRIDES)  # step 4's
+    variables = weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)  # step 4's
     assert bool(run_dir.all_finite(variables))
     for step in (2, 4):
         os.remove(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA"))
@@ -170,7 +170,7 @@ def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
     assert "step 6: it holds NaN or infinite values" in done.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing moved or started over
     with pytest.raises(errors.InvalidInputError, match="has no checkpoint that can be restored"):
-        convert.load_variables(workdir, "res2net50", overrides=OVERRIDES)
+        weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)
 
 
 # --- 4. Two runs in one workdir ---------------------------------------------------------------
@@ -335,14 +335,14 @@ def test_a_failed_export_leaves_nothing_under_its_name(tmp_path, monkeypatch: py
 
     monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        convert.save_state_dict(state_dict, path)
+        weight_files.save_state_dict(state_dict, path)
     assert os.listdir(tmp_path) == []  # neither the final name nor a partial file
     monkeypatch.undo()
-    convert.save_state_dict(state_dict, path)
+    weight_files.save_state_dict(state_dict, path)
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())
     with pytest.raises(FileExistsError, match="exists: choose a new output path"):
-        convert.save_state_dict(state_dict, path)  # the same rule as the command line: never overwrite
-    assert json.loads(json.dumps(list(convert.load_state_dict(path)))) == ["w"]
+        weight_files.save_state_dict(state_dict, path)  # the same rule as the command line: never overwrite
+    assert json.loads(json.dumps(list(weight_files.load_state_dict(path)))) == ["w"]
 
 
 def _umask() -> int:

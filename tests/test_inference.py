@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import timm_pair
 from PIL import Image
 
-from res2net_jax import convert, create_model, make_predict_fn, preprocess
+from res2net_jax import create_model, make_predict_fn, preprocess, weight_files
 from res2net_jax.inference import imagenet_classes
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -109,7 +109,7 @@ def test_predict_command(tmp_path, tmp_weights: dict) -> None:
         assert all(row.split(maxsplit=2)[2] in names for row in rows)
 
     # The command's top class for the RGB image is the one the library computes.
-    variables = convert.load_variables(tmp_weights["safetensors"], "res2net50")
+    variables = weight_files.load_variables(tmp_weights["safetensors"], "res2net50")
     predict = make_predict_fn(create_model("res2net50"), variables)
     top = int(predict(rgb[None]).top_classes[0, 0])
     assert blocks[0].splitlines()[1].split()[1] == str(top)

@@ -15,7 +15,7 @@ from conftest import rel_error
 from launch import ROOT, env, run
 from PIL import Image
 
-from res2net_jax import convert, create_model, deploy, inference, onnx_export
+from res2net_jax import create_model, deploy, inference, onnx_export, weight_files
 from res2net_jax import workdir as run_dir
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
@@ -54,17 +54,17 @@ def test_the_run_names_its_model_classes_and_settings(trained: str) -> None:
         assert json.load(f)["num_train_steps"] == 6
     best_step = os.listdir(os.path.join(trained, "best"))[0]
     paths = [trained, f"{trained}/best", f"{trained}/best/{best_step}", f"{trained}/best/{best_step}/state"]
-    loaded = [convert.load_variables(p, MODEL, overrides=OVERRIDES) for p in paths]
+    loaded = [weight_files.load_variables(p, MODEL, overrides=OVERRIDES) for p in paths]
     for variables in loaded[2:]:  # the best step, named three ways
         np.testing.assert_array_equal(variables["params"]["fc"]["bias"], loaded[1]["params"]["fc"]["bias"])
-    ema = convert.load_variables(trained, MODEL, overrides=OVERRIDES, ema=True)
+    ema = weight_files.load_variables(trained, MODEL, overrides=OVERRIDES, ema=True)
     assert not np.array_equal(ema["params"]["fc"]["bias"], loaded[0]["params"]["fc"]["bias"])
 
 
 @pytest.mark.parametrize("where", ["", "best"])
 def test_every_export_of_the_run_gives_its_logits(where: str, trained: str, tmp_path) -> None:
     source = os.path.join(trained, where) if where else trained
-    expected = _logits(convert.load_variables(source, MODEL, overrides=OVERRIDES))
+    expected = _logits(weight_files.load_variables(source, MODEL, overrides=OVERRIDES))
     outputs = {"torch": "w.safetensors", "orbax": "flax", "mindspore": "w.ckpt", "stablehlo": "f.jaxexport",
                "savedmodel": "saved", "onnx": "f.onnx"}  # fmt: skip
     for fmt, name in outputs.items():
@@ -72,9 +72,9 @@ def test_every_export_of_the_run_gives_its_logits(where: str, trained: str, tmp_
                        f"--image_size={SIZE}")  # fmt: skip
         assert done.returncode == 0, f"{fmt}: {done.stderr[-3000:]}"
     got = {
-        "torch": _logits(convert.load_variables(tmp_path / "w.safetensors", MODEL, overrides=OVERRIDES)),
-        "orbax": _logits(convert.load_variables(tmp_path / "flax", MODEL, overrides=OVERRIDES)),
-        "mindspore": _logits(convert.from_mindspore(tmp_path / "w.ckpt", MODEL, overrides=OVERRIDES)),
+        "torch": _logits(weight_files.load_variables(tmp_path / "w.safetensors", MODEL, overrides=OVERRIDES)),
+        "orbax": _logits(weight_files.load_variables(tmp_path / "flax", MODEL, overrides=OVERRIDES)),
+        "mindspore": _logits(weight_files.from_mindspore(tmp_path / "w.ckpt", MODEL, overrides=OVERRIDES)),
         "stablehlo": np.asarray(deploy.load_stablehlo(tmp_path / "f.jaxexport")(_images())),
         "onnx": onnx_export.load_onnx(tmp_path / "f.onnx")(_images()),
     }
@@ -91,7 +91,7 @@ def test_predict_and_eval_read_the_run(trained: str, noise_folder: str, tmp_path
     Image.fromarray((np.random.RandomState(0).rand(36, 36, 3) * 255).astype(np.uint8)).save(image)
     done = _module("res2net_jax.predict", f"--weights={trained}/best", "--ema", image)
     assert done.returncode == 0, done.stderr[-3000:]
-    variables = convert.load_variables(f"{trained}/best", MODEL, overrides=OVERRIDES, ema=True)
+    variables = weight_files.load_variables(f"{trained}/best", MODEL, overrides=OVERRIDES, ema=True)
     model = create_model(MODEL, num_classes=4, **OVERRIDES)
     result = inference.make_predict_fn(model, variables, 4, SIZE, 1.0)(inference.load_image(image)[None])
     top = int(result.top_classes[0, 0])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import images_nchw, nhwc, rel_error, timm_variables
 
-from res2net_jax import convert, create_model, ms_checkpoint
+from res2net_jax import convert, create_model, ms_checkpoint, weight_files
 from res2net_jax.convert import CheckpointMismatchError
 from res2net_jax.ms_checkpoint import CorruptCheckpointError
 
@@ -59,7 +59,7 @@ def mindcv(tmp_path_factory: pytest.TempPathFactory) -> dict:
     jobs, flax_logits = [], {}
     for name in MINDCV_NAMES:
         variables = timm_variables(name, num_classes=CLASSES)
-        convert.to_mindspore(variables, name, directory / f"{name}.ckpt")
+        weight_files.to_mindspore(variables, name, directory / f"{name}.ckpt")
         flax_logits[name] = _logits(name, variables, x)
         jobs.append({"model": name, "num_classes": CLASSES, "load": str(directory / f"{name}.ckpt")})
     for name in SAVED_BY_MINDSPORE:
@@ -89,11 +89,11 @@ def test_mindcv_loads_our_export_completely_and_computes_our_logits(mindcv: dict
 @pytest.mark.parametrize("name", SAVED_BY_MINDSPORE)
 def test_checkpoint_saved_by_mindspore_imports_with_its_logits(mindcv: dict, name: str) -> None:
     job, _ = mindcv["jobs"][(name, True)]
-    variables = convert.from_mindspore(job["save"], name)
+    variables = weight_files.from_mindspore(job["save"], name)
     assert convert.num_classes_of(variables) == 7
     assert rel_error(_logits(name, variables, mindcv["x"]), np.load(job["logits"])) <= TOLERANCE
     # The general loader (main.py's init_weights / eval_weights) recognises the file by its content.
-    same = convert.load_variables(job["save"], name)
+    same = weight_files.load_variables(job["save"], name)
     jax.tree.map(np.testing.assert_array_equal, same, variables)
 
 
@@ -106,7 +106,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = {}
     for name in ("res2net50", "res2net50_v1b"):
         variables = timm_variables(name)
-        convert.to_mindspore(variables, name, directory / f"{name}.ckpt")
+        weight_files.to_mindspore(variables, name, directory / f"{name}.ckpt")
         out[name] = (variables, str(directory / f"{name}.ckpt"))
     return out
 
@@ -129,10 +129,10 @@ def test_round_trip_is_exact(exported: dict, tmp_path) -> None:
     from safetensors.numpy import save_file
 
     for name, (variables, path) in exported.items():
-        jax.tree.map(np.testing.assert_array_equal, convert.from_mindspore(path, name), variables)
+        jax.tree.map(np.testing.assert_array_equal, weight_files.from_mindspore(path, name), variables)
         # MindSpore's safetensors format keeps MindCV's names; the loader renames them too.
         save_file(ms_checkpoint.read(path), tmp_path / f"{name}.safetensors")
-        jax.tree.map(np.testing.assert_array_equal, convert.load_variables(tmp_path / f"{name}.safetensors", name),
+        jax.tree.map(np.testing.assert_array_equal, weight_files.load_variables(tmp_path / f"{name}.safetensors", name),
                      variables)  # fmt: skip
 
 
@@ -155,24 +155,24 @@ def test_bad_files_are_clear_errors(exported: dict, tmp_path) -> None:
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(body[: len(body) // 2])
     with pytest.raises(CorruptCheckpointError, match=r"truncated\.ckpt is not a complete MindSpore checkpoint"):
-        convert.from_mindspore(truncated, "res2net50")
+        weight_files.from_mindspore(truncated, "res2net50")
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x0a" + os.urandom(4000))
     with pytest.raises(CorruptCheckpointError, match="garbage.ckpt is not a complete MindSpore checkpoint"):
-        convert.load_variables(garbage, "res2net50")
+        weight_files.load_variables(garbage, "res2net50")
     with pytest.raises(CheckpointMismatchError, match=r"does not fit res2net50_v1b: .*looks like res2net50_26w_4s"):
-        convert.from_mindspore(path, "res2net50_v1b")
+        weight_files.from_mindspore(path, "res2net50_v1b")
     with pytest.raises(CheckpointMismatchError, match="head has 1000 classes but 10.*reset_head=True"):
-        convert.from_mindspore(path, "res2net50", num_classes=10)
+        weight_files.from_mindspore(path, "res2net50", num_classes=10)
     extra = tmp_path / "with_optimizer.ckpt"
     tensors = ms_checkpoint.read(path)
     ms_checkpoint.write({**tensors, "moments.conv1.weight": tensors["conv1.weight"]}, extra)
     with pytest.raises(CheckpointMismatchError, match=r"unexpected 1 \(moments\.conv1\.weight\)"):
-        convert.from_mindspore(extra, "res2net50")
+        weight_files.from_mindspore(extra, "res2net50")
     with pytest.raises(FileExistsError, match="choose a new output path"):
-        convert.to_mindspore(variables, "res2net50", path)
+        weight_files.to_mindspore(variables, "res2net50", path)
     with pytest.raises(ValueError, match="MindCV has no network like res2next50"):
-        convert.to_mindspore(variables, "res2next50", tmp_path / "x.ckpt")
+        weight_files.to_mindspore(variables, "res2next50", tmp_path / "x.ckpt")
 
 
 def test_export_cli_writes_mindspore(exported: dict, tmp_path) -> None:
@@ -182,6 +182,6 @@ def test_export_cli_writes_mindspore(exported: dict, tmp_path) -> None:
                f"--weights={path}", f"--out={out}"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    jax.tree.map(np.testing.assert_array_equal, convert.from_mindspore(out, "res2net50_v1b"), variables)
+    jax.tree.map(np.testing.assert_array_equal, weight_files.from_mindspore(out, "res2net50_v1b"), variables)
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "exists" in again.stderr

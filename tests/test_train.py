@@ -13,13 +13,14 @@ import orbax.checkpoint as ocp
 import pytest
 from launch import ROOT, assert_one_line_error, command, env, metrics, popen, run
 
-from res2net_jax import convert
+from res2net_jax import convert, weight_files
 
 SHORT = "--config.num_train_steps=3"
 
 
 def _params(workdir: str) -> dict:
-    return convert.load_variables(workdir, "res2net50", overrides={"layers": (1, 1, 1, 1), "base_width": 4})["params"]
+    overrides = {"layers": (1, 1, 1, 1), "base_width": 4}
+    return weight_files.load_variables(workdir, "res2net50", overrides=overrides)["params"]
 
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
@@ -158,7 +159,7 @@ def test_eval_mode_reproduces_the_final_metrics(reference_run: str, noise_folder
 def test_eval_mode_takes_a_mindspore_checkpoint(reference_run: str, noise_folder: str, tmp_path) -> None:
     overrides = {"layers": (1, 1, 1, 1), "base_width": 4}
     weights = str(tmp_path / "exported.ckpt")
-    convert.to_mindspore(convert.load_variables(reference_run, "res2net50", overrides=overrides), "res2net50",
+    weight_files.to_mindspore(weight_files.load_variables(reference_run, "res2net50", overrides=overrides), "res2net50",
                          weights, overrides)  # fmt: skip
     done = run(str(tmp_path / "eval"), noise_folder, f"--config.eval_weights={weights}", mode="eval")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -215,10 +216,10 @@ def test_two_processes_on_loopback_form_one_run(started_by: str, short_run: str,
 def test_fine_tuning_starts_from_given_weights_with_a_new_head(reference_run: str, noise_folder: str, tmp_path) -> None:
     """init_weights + reset_head: a 10-class checkpoint fine-tuned on the 4-class folder."""
     overrides = {"layers": (1, 1, 1, 1), "base_width": 4}
-    ten_classes = convert.load_variables(reference_run, "res2net50", overrides=overrides)
+    ten_classes = weight_files.load_variables(reference_run, "res2net50", overrides=overrides)
     ten_classes["params"]["fc"] = {"kernel": np.ones((2048, 10), np.float32), "bias": np.zeros(10, np.float32)}
     weights = str(tmp_path / "pretrained.safetensors")
-    convert.save_state_dict(convert.to_torch(ten_classes, "res2net50", overrides), weights)
+    weight_files.save_state_dict(convert.to_torch(ten_classes, "res2net50", overrides), weights)
     workdir = str(tmp_path / "run")
     done = run(workdir, noise_folder, f"--config.init_weights={weights}", "--config.num_train_steps=1", devices=1)
     assert done.returncode != 0 and "reset_head=True" in done.stderr  # 10 vs 4 classes is refused...
