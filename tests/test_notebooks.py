@@ -27,6 +27,8 @@ def test_notebook_runs_and_is_committed_clean(name: str, tmp_path, monkeypatch: 
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
+    # Jupyter starts a notebook's kernel in the notebook's own folder, and so do these runs.
+    folder = os.path.join(ROOT, "notebooks")
+    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": folder}}).execute()
     errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
     assert not errors
