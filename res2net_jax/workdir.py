@@ -4,7 +4,7 @@
     WORKDIR/config.json      the settings of the run the workdir belongs to
     WORKDIR/checkpoints/N/   the latest checkpoints (Orbax items `state` and `meta`)
     WORKDIR/best/N/          the best checkpoint by top-1
-    WORKDIR/damaged/         checkpoints that failed to restore, moved aside (never deleted)
+    WORKDIR/damaged/         checkpoints that failed to restore or diverged, moved aside (never deleted)
     WORKDIR/metrics.jsonl    one JSON line per evaluation during training
     WORKDIR/eval.jsonl       one JSON line per --mode=eval
     WORKDIR/classes.txt      the dataset's class names, one a line
@@ -65,7 +65,7 @@ def lock(workdir: str) -> Any:
     (kill -9 included), so a stale lock never blocks. The file names the holder for the message.
     """
     path = os.path.join(workdir, LOCK)
-    handle = open(path, "a+")  # noqa: SIM115 - held open until the process ends
+    handle = open(path, "a+")  # held open, and so locked, until the process ends
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -156,16 +156,13 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 def keep_metrics_until(workdir: str, step: int) -> None:
     """Drops records newer than `step` (a resumed run redoes them) and torn lines."""
-    kept = [record for record in read_metrics(workdir) if record.get("step", 0) <= step]
-    if kept or os.path.exists(os.path.join(workdir, METRICS)):
-        path = os.path.join(workdir, METRICS)
-        partial = f"{path}.partial"
-        with open(partial, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in kept)
-        os.replace(partial, path)
+    if os.path.exists(os.path.join(workdir, METRICS)):
+        kept = [record for record in read_metrics(workdir) if record.get("step", 0) <= step]
+        _write_text_atomically(os.path.join(workdir, METRICS), "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def append_metrics(workdir: str, record: Mapping[str, Any], name: str = METRICS) -> None:
+    """Appends one JSON line to WORKDIR/metrics.jsonl (or WORKDIR/`name`)."""
     with open(os.path.join(workdir, name), "a") as f:
         f.write(json.dumps(dict(record)) + "\n")
 
