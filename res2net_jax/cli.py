@@ -61,13 +61,14 @@ def load_weights(
     """
     from res2net_jax import convert, weight_files, workdir
     from res2net_jax.errors import InvalidInputError
+    from res2net_jax.registry import get_spec
 
     source = workdir.locate(weights)
     overrides: dict[str, Any] = {}
     names = None
     if source is not None:
         run = workdir.describe(source)
-        if model is not None and model != run.model:
+        if model is not None and get_spec(model).name != run.model:  # runs record the canonical name
             raise InvalidInputError(f"{weights} holds a {run.model}, not a {model}: leave out --model")
         model, overrides, names = run.model, run.model_overrides, run.class_names
     elif model is None:
