@@ -138,25 +138,51 @@ def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
 
 
+CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 windows before its centre fallback
+
+
+def crop_window(
+    height: tf.Tensor, width: tf.Tensor, draws: tf.Tensor, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """torchvision's RandomResizedCrop window (top, left, height, width) from uniform `draws` [CROP_TRIES, 4].
+
+    Try i takes area fraction U(scale), aspect ratio log-uniform in `ratio`, sides rounded half to even;
+    the first try that fits wins, at a uniform integer offset. When none fits, the centre crop of the
+    whole image with its aspect ratio clamped to `ratio`. (TensorFlow's sample_distorted_bounding_box
+    draws the ratio uniformly and retries differently, which trained the quickstart recipe about a point
+    worse than timm: experiments/NOTES.md.) Computed in float64, as torchvision computes in Python.
+    """
+    height, width = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    draws = tf.cast(draws, tf.float64)
+    area = height * width * (scale[0] + draws[:, 0] * (scale[1] - scale[0]))
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = tf.exp(log_low + draws[:, 1] * (log_high - log_low))
+    w = tf.round(tf.sqrt(area * aspect))
+    h = tf.round(tf.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    in_ratio = width / height
+    fallback_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
+    fallback_w = tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width)
+    any_fits = tf.reduce_any(fits)
+    crop_h = tf.where(any_fits, h[first], fallback_h)
+    crop_w = tf.where(any_fits, w[first], fallback_w)
+    top = tf.where(any_fits, tf.floor(draws[first, 2] * (height - crop_h + 1)), tf.floor((height - crop_h) / 2))
+    left = tf.where(any_fits, tf.floor(draws[first, 3] * (width - crop_w + 1)), tf.floor((width - crop_w) / 2))
+    return tuple(tf.cast(v, tf.int32) for v in (top, left, crop_h, crop_w))
+
+
 def _random_resized_crop(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-    """A crop of random area fraction and aspect ratio, resized to the training size (bilinear).
+    """A crop of random area fraction and aspect ratio (`crop_window`), resized to the training size (bilinear).
 
     JPEGs decode only the crop window (the window depends on the image's size alone, read from the
     header), so the pixels outside it, on average about half the image, are never decoded.
     """
+    draws = tf.random.stateless_uniform([CROP_TRIES, 4], seed)
 
     def window(shape: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            shape,
-            bounding_boxes=tf.zeros([1, 0, 4]),
-            seed=seed,
-            min_object_covered=0.0,
-            aspect_ratio_range=tuple(config.crop_ratio),
-            area_range=tuple(config.crop_scale),
-            max_attempts=10,
-            use_image_if_no_bounding_boxes=True,
-        )
-        return begin, size
+        top, left, height, width = crop_window(shape[0], shape[1], draws, config.crop_scale, config.crop_ratio)
+        return tf.stack([top, left, 0]), tf.stack([height, width, -1])
 
     def jpeg() -> tf.Tensor:
         header = tf.io.extract_jpeg_shape(image_bytes)
