@@ -8,17 +8,18 @@ It imports neither TensorFlow nor ml_collections, so it runs where JAX, Flax, op
 are installed (the lent GPU machines' image).
 
 Each (framework, model) runs in its own process, so that JAX and PyTorch do not share the device's
-memory and each peak is its own. Data are synthetic and already on the device: the input pipeline is
-not timed. Both frameworks train with the same optimiser (SGD, momentum 0.9, weight decay 1e-4,
-label smoothing 0.1) in bfloat16 compute on accelerators (timm: autocast and channels_last) and
-float32 on CPUs (--dtype to choose). JAX eager mode runs op by op under `jax.disable_jit()`, the
-counterpart of MindSpore's PyNative mode; jit is the counterpart of its Graph mode; `jit:LEVER` is
-jit with one of levers.py's candidate optimisations. Writes one JSON file:
-`models.<name>.{jit, eager, timm_eager, timm_compiled}` with train_img_s, s_per_epoch (ImageNet's
-1,281,167 images), infer_b256_img_s (at --batch), infer_b32_ms, infer_b1_ms, compile_s, peak_mem_gb
-and compute_dtype. The file is rewritten after each measurement ("complete": false until the last),
-so a run cut short keeps what it measured; a measurement that fails or exceeds --timeout_s is
-recorded as {"error": ...}, the others go on, and the exit status is 1.
+memory and each peak is its own. Data are synthetic and already on the device: the input pipeline is not
+timed (JAX's step takes uint8 images, as the pipeline hands them over, and normalises them; --augment
+adds the recipe's on-device augmentation, to measure its cost). Both frameworks train with the same
+optimiser (SGD, momentum 0.9, weight decay 1e-4, label smoothing 0.1) in bfloat16 compute on
+accelerators (timm: autocast and channels_last) and float32 on CPUs (--dtype to choose). JAX eager mode
+runs op by op under `jax.disable_jit()`, the counterpart of MindSpore's PyNative mode; jit is the
+counterpart of its Graph mode; `jit:LEVER` is jit with one of levers.py's candidate optimisations.
+Writes one JSON file: `models.<name>.{jit, eager, timm_eager, timm_compiled}` with train_img_s,
+s_per_epoch (ImageNet's 1,281,167 images), infer_b256_img_s (at --batch), infer_b32_ms, infer_b1_ms,
+compile_s, peak_mem_gb and compute_dtype. The file is rewritten after each measurement ("complete":
+false until the last), so a run cut short keeps what it measured; a measurement that fails or exceeds
+--timeout_s is recorded as {"error": ...}, the others go on, and the exit status is 1.
 
 Roofline: jit also records XLA's FLOP count per image of the forward pass and of the whole train
 step, and the TFLOP/s the train step reaches as a fraction of `matmul_peak_tflop_s`, the card's peak
@@ -53,6 +54,12 @@ _DTYPE = flags.DEFINE_enum(
     "dtype", "auto", ["auto", "float32", "bfloat16"], "Compute dtype; auto: bfloat16 on a GPU or TPU, float32 on a CPU."
 )
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 300, "Seconds one measurement (a process) may run before it is stopped.")
+_AUGMENT = flags.DEFINE_bool(
+    "augment",
+    False,
+    "jit's step also augments on device as configs/default.py does (flip, colour jitter 0.4, "
+    "random erasing 0.5); without it the step only normalises its uint8 images. timm's step has neither.",
+)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: measure one 'MODEL/MODE' (or 'peak') and print JSON.")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "timm")
 
@@ -103,7 +110,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from res2net_jax import create_model, steps
+    from res2net_jax import augment, create_model, steps
 
     device = jax.devices()[0]
     dtype = jnp.bfloat16 if _bfloat16(device.platform in ("gpu", "tpu")) else jnp.float32
@@ -112,7 +119,8 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     config = types.SimpleNamespace(  # the fields the step and optimiser read; timm gets the same recipe
         optimizer="momentum", momentum=0.9, weight_decay=1e-4, decay_bn_and_bias=False, grad_clip_norm=0.0,
         grad_accum_steps=1, label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0, mix_switch_prob=0.5,
-        ema_decay=0.0, seed=0,
+        ema_decay=0.0, seed=0, hflip=_AUGMENT.value, color_jitter=0.4 * _AUGMENT.value,
+        random_erasing=0.5 * _AUGMENT.value,
     )  # fmt: skip
     size, batch = _IMAGE_SIZE.value, _BATCH.value
     tx = steps.create_optimizer(config, optax.constant_schedule(0.1))
@@ -122,8 +130,11 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.AXIS))
     state = jax.device_put(steps.init_train_state(config, tx, variables), replicated)
     rng = np.random.RandomState(0)
-    pool = jax.device_put(rng.randn(max(batch, 32), size, size, 3).astype(np.float32), split)
-    data = {"image": pool[:batch], "label": jax.device_put(rng.randint(0, 1000, batch).astype(np.int32), split)}
+    pixels = rng.randint(0, 256, (max(batch, 32), size, size, 3)).astype(np.uint8)
+    pool = jax.device_put(augment.normalize(pixels), split)
+    data = {"image": pixels[:batch], "label": rng.randint(0, 1000, batch).astype(np.int32),
+            "epoch": np.zeros(batch, np.int32), "index": np.arange(batch, dtype=np.int32)}  # fmt: skip
+    data = jax.device_put(data, split)
     if eager:  # shard_map run op by op goes device by device through its own machinery: time the bare step
         model = create_model(name, dtype=dtype, **overrides)
         train_step = _plain_train_step(model, tx, config.label_smoothing)
@@ -191,14 +202,15 @@ def _plain_train_step(model: Any, tx: Any, label_smoothing: float) -> Callable[[
     import jax.numpy as jnp
     import optax
 
-    from res2net_jax import steps
+    from res2net_jax import augment, steps
 
     def train_step(state: Any, batch: dict) -> tuple[Any, dict]:
         targets = steps.smoothed_one_hot(batch["label"], model.num_classes, label_smoothing)
 
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
             variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+            images = augment.normalize(batch["image"])
+            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
             return jnp.mean(optax.softmax_cross_entropy(logits, targets)), updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -23,7 +23,6 @@ import tensorflow_datasets as tfds
 
 from res2net_jax import digits  # noqa: F401 - registers the offline `sklearn_digits` dataset
 from res2net_jax.errors import InvalidInputError, MissingFileError
-from res2net_jax.registry import IMAGENET_MEAN, IMAGENET_STD
 from res2net_jax.steps import update_batch_size
 
 FOLDER_PREFIX = "folder:"
@@ -198,58 +197,21 @@ def _random_resized_crop(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_col
     return tf.image.resize(crop, [config.image_size, config.image_size], method="bilinear", antialias=True)
 
 
-def _color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
-    """Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s] (image in [0, 1])."""
-    factors = tf.random.stateless_uniform([3], seed, 1.0 - strength, 1.0 + strength)
-    image = image * factors[0]
-    gray = tf.image.rgb_to_grayscale(image)
-    image = (image - tf.reduce_mean(gray)) * factors[1] + tf.reduce_mean(gray)
-    gray = tf.image.rgb_to_grayscale(image)
-    image = (image - gray) * factors[2] + gray
-    return tf.clip_by_value(image, 0.0, 1.0)
-
-
-def _random_erasing(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.Tensor:
-    """timm's RandomErasing ('pixel' mode): a box of 2-33% area, aspect 0.3-3.3, filled with N(0, 1)."""
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    draw = tf.random.stateless_uniform([3], seeds[0])
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    area = tf.cast(height * width, tf.float32) * (0.02 + draw[0] * (1 / 3 - 0.02))
-    log_ratio = math.log(0.3) + draw[1] * (math.log(1 / 0.3) - math.log(0.3))
-    ratio = tf.exp(log_ratio)
-    box_h = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
-    box_w = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
-    fits = (box_h < height) & (box_w < width) & (draw[2] < probability)
-    box_h, box_w = tf.maximum(box_h, 1), tf.maximum(box_w, 1)
-    top = tf.random.stateless_uniform([], seeds[1], 0, tf.maximum(height - box_h + 1, 1), dtype=tf.int32)
-    left = tf.random.stateless_uniform([], seeds[2], 0, tf.maximum(width - box_w + 1, 1), dtype=tf.int32)
-    rows = tf.range(height)[:, None, None]
-    cols = tf.range(width)[None, :, None]
-    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w) & fits
-    noise = tf.random.stateless_normal(tf.shape(image), seeds[0][::-1])
-    return tf.where(inside, noise, image)
-
-
-def _normalize(image: tf.Tensor) -> tf.Tensor:
-    return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+    return tf.saturate_cast(tf.round(image), tf.uint8)
 
 
 def preprocess_train(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-    """Random-resized crop, horizontal flip, color jitter, normalisation, random erasing."""
-    seeds = tf.random.experimental.stateless_split(seed, 4)
-    image = _random_resized_crop(image_bytes, seeds[0], config) / 255.0
-    if config.hflip:
-        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-    if config.color_jitter > 0:
-        image = _color_jitter(image, seeds[2], config.color_jitter)
-    image = _normalize(image)
-    if config.random_erasing > 0:
-        image = _random_erasing(image, seeds[3], config.random_erasing)
-    return image
+    """The host's share of training augmentation: random-resized crop, as uint8 (S, S, 3).
+
+    Flip, colour jitter, normalisation and random erasing follow on the accelerator (`augment`).
+    """
+    return _to_uint8(_random_resized_crop(image_bytes, seed, config))
 
 
 def preprocess_eval(image_bytes: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-    """Resize the shorter side to image_size / crop_pct (bilinear), center-crop image_size, normalise."""
+    """Resize the shorter side to image_size / crop_pct (bilinear), center-crop image_size, as uint8;
+    the eval step normalises."""
     image = tf.cast(_decode(image_bytes), tf.float32)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     short = float(int(config.image_size / config.crop_pct))
@@ -259,8 +221,7 @@ def preprocess_eval(image_bytes: tf.Tensor, config: ml_collections.ConfigDict) -
     # Round half to even, as torchvision's CenterCrop does.
     top = tf.cast(tf.round((size[0] - config.image_size) / 2), tf.int32)
     left = tf.cast(tf.round((size[1] - config.image_size) / 2), tf.int32)
-    image = image[top : top + config.image_size, left : left + config.image_size]
-    return _normalize(image / 255.0)
+    return _to_uint8(image[top : top + config.image_size, left : left + config.image_size])
 
 
 # --- Datasets ---------------------------------------------------------------------------------
@@ -289,9 +250,10 @@ def train_dataset(
 ) -> tf.data.Dataset:
     """This host's slice of the global training batches of `epoch`, from batch `start_batch` on.
 
-    Yields {'image': float32 (B, S, S, 3) normalised, 'label': int32 (B,)} with B = the examples of one
-    update (batch_size x grad_accum_steps) / process_count; the epoch ends after num_train // (B x
-    process_count) full batches.
+    Yields {'image': uint8 (B, S, S, 3) cropped and resized, 'label', 'epoch', 'index': int32 (B,)} with
+    B = the examples of one update (batch_size x grad_accum_steps) / process_count; 'index' is the
+    example's position in the split, which with 'epoch' seeds its augmentation on the device
+    (`augment.augment_batch`). The epoch ends after num_train // (B x process_count) full batches.
     """
     global_batch = update_batch_size(config)
     local_batch = global_batch // process_count
@@ -306,7 +268,8 @@ def train_dataset(
     def prepare(index: tf.Tensor, example: dict) -> dict:
         seed = tf.stack([tf.constant(epoch_seed, tf.int64), index])
         image = preprocess_train(example["image"], seed, config)
-        return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+        label, position = tf.cast(example["label"], tf.int32), tf.cast(index, tf.int32)
+        return {"image": image, "label": label, "epoch": tf.constant(epoch, tf.int32), "index": position}
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -325,7 +288,7 @@ def eval_dataset(
     process_index: int,
     process_count: int,
 ) -> tf.data.Dataset:
-    """This host's share of the whole eval split, padded to `eval_steps` full batches.
+    """This host's share of the whole eval split as uint8 images, padded to `eval_steps` full batches.
 
     Padding examples carry mask 0, so metrics count every real example exactly once.
     """
@@ -339,7 +302,7 @@ def eval_dataset(
     ds = _read(builder, info.eval_split).shard(process_count, process_index)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     size = config.image_size
-    padding = {"image": tf.zeros([size, size, 3]), "label": tf.constant(0), "mask": tf.constant(0.0)}
+    padding = {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0), "mask": tf.constant(0.0)}
     pad_count = eval_steps(info, config, process_count) * local_batch - count
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad_count))
     return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

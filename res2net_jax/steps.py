@@ -1,4 +1,4 @@
-"""The functional core of training: state, optimiser, schedules, on-device augmentation and the steps.
+"""The functional core of training: state, optimiser, schedules, mixup/cutmix and the steps.
 
 Pure functions over pytrees, with no input pipeline, I/O, TensorFlow or ml_collections import, so
 that benchmarks (on machines with JAX alone) can build the same step `res2net_jax.train` runs. The
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from res2net_jax import augment
 from res2net_jax.errors import InvalidInputError
 from res2net_jax.registry import create_model
 
@@ -111,7 +112,7 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
     return tx
 
 
-# --- Loss and augmentation on device ----------------------------------------------------------
+# --- Loss and mixup/cutmix on device ------------------------------------------------------------
 
 
 def mix_batch(
@@ -165,7 +166,8 @@ def make_train_step(
     model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """A jitted step: one optimiser update from a global batch of `update_batch_size(config)` examples;
-    the state is replicated, the batch split over devices.
+    the state is replicated, the batch split over devices. The batch holds uint8 images with each
+    example's epoch and index (`input_pipeline.train_dataset`), augmented here before mixup/cutmix.
 
     With grad_accum_steps = k the batch is processed as k passes of batch_size examples (examples
     [j * batch_size, (j + 1) * batch_size) in pass j, on any number of devices), their gradients
@@ -237,18 +239,19 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         targets = smoothed_one_hot(batch["label"], num_classes, config.label_smoothing)
-        images, targets = mix_batch(rng, batch["image"].astype(model.dtype), targets, config)
+        images = augment.augment_batch(batch["image"], batch["epoch"], batch["index"], config)
+        images, targets = mix_batch(rng, images.astype(model.dtype), targets, config)
         return sharded(state, by_pass(images), by_pass(targets))
 
     return train_step
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, dict], dict]:
-    """A jitted function from variables and a masked global batch to metric sums."""
+    """A jitted function from variables and a masked global batch of uint8 images to metric sums."""
 
     @jax.jit
     def eval_step(variables: Any, batch: dict) -> dict:
-        logits = model.apply(variables, batch["image"].astype(model.dtype), train=False)
+        logits = model.apply(variables, augment.normalize(batch["image"]).astype(model.dtype), train=False)
         labels, mask = batch["label"], batch["mask"]
         top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # top-5 is top-all with fewer classes
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from configs import default
-from res2net_jax import steps
+from res2net_jax import augment, steps
 
 
 def _config(**fields):
@@ -105,13 +105,15 @@ def test_gradient_accumulation_is_one_update_of_the_averaged_passes() -> None:
     examples 0-3 and 4-7, computed by hand pass by pass; BN running statistics updated by both passes.
     In float64: batch statistics of four images amplify float32 rounding to about 1e-5."""
     config = _config(optimizer="sgd", weight_decay=0.0, momentum=0.0, grad_accum_steps=2, batch_size=4, seed=0,
-                     label_smoothing=0.0, learning_rate=0.5, ema_decay=0.0)  # fmt: skip
+                     label_smoothing=0.0, learning_rate=0.5, ema_decay=0.0, hflip=False, color_jitter=0.0,
+                     random_erasing=0.0)  # fmt: skip
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (steps.AXIS,))
     model = steps.build_model(config, num_classes=3, dtype=jnp.float64).clone(
         layers=(1, 1, 1, 1), base_width=4, axis_name=None
     )
     rng = np.random.RandomState(0)
-    images = jnp.asarray(rng.randn(8, 32, 32, 3))
+    pixels = jnp.asarray(rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8))
+    images = augment.normalize(pixels).astype(jnp.float64)  # what the step feeds the model
     labels = jnp.asarray(rng.randint(0, 3, 8).astype(np.int32))
     variables = jax.tree.map(lambda x: x.astype(jnp.float64), jax.jit(model.init)(jax.random.key(1), images[:1]))
     variables["params"]["layer1_0"]["bn3"]["scale"] = jnp.ones_like(variables["params"]["layer1_0"]["bn3"]["scale"])
@@ -130,7 +132,8 @@ def test_gradient_accumulation_is_one_update_of_the_averaged_passes() -> None:
 
     accumulating = steps.build_model(config, 3, jnp.float64).clone(layers=(1, 1, 1, 1), base_width=4)
     train_step = steps.make_train_step(accumulating, tx, config, mesh)
-    new_state, _ = train_step(state, {"image": images, "label": labels})
+    batch = {"image": pixels, "label": labels, "epoch": jnp.zeros(8, jnp.int32), "index": jnp.arange(8)}
+    new_state, _ = train_step(state, batch)
     for ours, theirs in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
     for ours, theirs in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(stats2), strict=True):

@@ -38,8 +38,9 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, noise_folder: str) -
 def short_run(tmp_path_factory: pytest.TempPathFactory, noise_folder: str) -> str:
     """3 steps on 8 devices: the reference for the device-count comparisons.
 
-    Compared after a few steps: float rounding differs with the device count (reduction order) and
-    early training amplifies it by about 10x per step, so after 12 steps runs differ at 1e-2.
+    Compared after a few steps: float rounding differs with the device count (reduction order, also in
+    the on-device augmentation's colour jitter, at 1e-6) and early training amplifies it by about 10x
+    per step: after 3 steps weights differ by up to 9e-5 (measured), after 12 steps at 1e-2.
     """
     workdir = str(tmp_path_factory.mktemp("short"))
     done = run(workdir, noise_folder, SHORT)
@@ -49,7 +50,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory, noise_folder: str) -> st
 
 def _assert_same_training(workdir: str, reference: str) -> None:
     for a, b in zip(_leaves(_params(workdir)), _leaves(_params(reference)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
     ours, theirs = metrics(workdir)[-1], metrics(reference)[-1]
     assert ours["step"] == theirs["step"] == 3
     assert abs(ours["loss"] - theirs["loss"]) < 1e-4
@@ -80,7 +81,7 @@ def test_gradient_accumulation_counts_updates_on_any_device_count(noise_folder: 
     logged = re.findall(r"^step (\S+) .* epoch (\S+) loss \S+ lr (\S+) ", done.stdout, re.MULTILINE)
     assert logged == [("1/3", "0.08", "0.05"), ("2/3", "0.17", "0.025"), ("3/3", "0.25", "0")]
     for a, b in zip(_leaves(_params(runs[8])), _leaves(_params(runs[1])), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
 
 
 def test_output_files_and_last_line(reference_run: str) -> None:
