@@ -1,19 +1,31 @@
-"""Images per second of the TFDS training and evaluation pipelines on this host's CPU.
+"""Images per second of the host input pipelines, this project's (TFDS) beside timm's (PyTorch DataLoader).
 
     PYTHONPATH=. python experiments/input_pipeline_speed.py --out=experiments/results/pipeline_cpu.json
-    PYTHONPATH=. python experiments/input_pipeline_speed.py --dataset=imagenet2012 --out=/tmp/imagenet_pipeline.json
+    PYTHONPATH=. python experiments/input_pipeline_speed.py --dataset=folder:/data/imagenet --out=/tmp/p.json
 
 The accelerator benchmark (benchmark.py) times the train step on device-resident data; this script
-times what feeds it: JPEG decoding and the augmentation of configs/default.py (MindCV's recipe:
-random-resized-crop, flip, colour jitter 0.4, random erasing 0.5) for training, resize and center
-crop for evaluation, batched as res2net_jax.train reads them. Without --dataset it writes --images
-JPEGs of ImageNet's typical size (500 x 375) to a temporary folder dataset and reads those. A GPU
-step of N img/s needs a host that feeds N img/s: compare the two figures.
+times what feeds it, with configs/default.py's recipe (MindCV's: random-resized-crop, flip, colour
+jitter 0.4, random erasing 0.5) at --image_size. This project's host decodes the crop window and
+resizes it, handing over uint8; the rest of the recipe runs in the jitted step (res2net_jax.augment),
+whose cost benchmark.py --augment measures. timm's host does all of it:
+`create_transform(S, is_training=True, color_jitter=0.4, re_prob=0.5, re_mode="pixel")` in a PyTorch
+DataLoader with one worker process per core, handing over normalised float32. Evaluation: resize to
+S / 0.875 and centre crop on both sides.
+
+Both read the same JPEGs (without --dataset, --images synthetic ones of ImageNet's commonest size,
+500 x 375, in an image folder), on the same cores. Each (side, pipeline) runs in its own process,
+alternated over --rounds so that noise shows as a spread. Reports img/s, img/s per core and the bytes
+per image handed to the accelerator; `stages` times each of this project's host operations alone, on
+one core, over the same images (where the time goes). A GPU step of N img/s needs a host that feeds
+N img/s: compare the two figures.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -22,14 +34,23 @@ import numpy as np
 import report
 from absl import app, flags, logging
 
-_DATASET = flags.DEFINE_string("dataset", "", "TFDS name or folder:PATH; '' writes synthetic JPEGs.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data directory ('' for TFDS's default).")
-_IMAGES = flags.DEFINE_integer("images", 1024, "Synthetic JPEGs to write when --dataset is ''.")
+_DATASET = flags.DEFINE_string("dataset", "", "folder:PATH with train/ and validation/; '' writes synthetic JPEGs.")
+_IMAGES = flags.DEFINE_integer("images", 1024, "Synthetic JPEGs to write per split when --dataset is ''.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Images per batch.")
-_BATCHES = flags.DEFINE_integer("batches", 8, "Timed batches per pipeline, after one untimed batch.")
+_BATCHES = flags.DEFINE_integer("batches", 7, "Timed batches per pipeline, after one untimed batch.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Output height and width.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternations of the two sides.")
+_SIDES = flags.DEFINE_list("sides", ["jax", "timm"], "Which sides to time: jax, timm.")
+_STAGES = flags.DEFINE_bool("stages", True, "Also time each of this project's host operations alone.")
 _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
-PACKAGES = ("tensorflow", "tensorflow-cpu", "tensorflow-datasets", "numpy")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: time one side 'SIDE:ROOT' and print JSON.")
+PACKAGES = ("tensorflow-cpu", "tensorflow-datasets", "torch", "torchvision", "timm", "pillow", "numpy")
+CROP_PCT = 0.875
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _write_jpegs(root: str, count: int) -> None:
@@ -47,54 +68,184 @@ def _write_jpegs(root: str, count: int) -> None:
             image.save(os.path.join(directory, f"{index}.jpg"), quality=90)
 
 
-def _images_per_second(batches: Any, count: int) -> float:
-    next(batches)  # the first batch fills the pipeline's buffers and threads
+def _images_per_second(batches: Any, count: int) -> tuple[float, int]:
+    """img/s over `count` batches after one untimed batch, and the bytes per image handed over."""
+    first = next(batches)
+    per_image = sum(np.asarray(v).nbytes for v in first.values()) // len(first["label"])
     start = time.perf_counter()
     seen = sum(len(next(batches)["label"]) for _ in range(count))
-    return seen / (time.perf_counter() - start)
+    return seen / (time.perf_counter() - start), per_image
 
 
-def _measure(dataset: str) -> dict[str, Any]:
+def _config(root: str) -> Any:
     from configs import default
+
+    config = default.get_config()
+    config.update({"dataset": f"folder:{root}", "image_size": _IMAGE_SIZE.value, "batch_size": _BATCH.value,
+                   "eval_batch_size": _BATCH.value, "crop_pct": CROP_PCT})  # fmt: skip
+    return config
+
+
+def _jax(root: str) -> dict[str, Any]:
     from res2net_jax import cli
 
     cli.quiet_startup()  # before TensorFlow is imported
     from res2net_jax import input_pipeline
 
     input_pipeline.hide_tf_from_accelerators()
-    config = default.get_config()
-    config.update({"dataset": dataset, "data_dir": _DATA_DIR.value, "image_size": _IMAGE_SIZE.value,
-                   "batch_size": _BATCH.value, "eval_batch_size": _BATCH.value})  # fmt: skip
+    config = _config(root)
     builder = input_pipeline.get_builder(config)
     info = input_pipeline.dataset_info(builder, config)
-    needed = (_BATCHES.value + 1) * _BATCH.value
-    if min(info.num_train, info.num_eval) < needed:
-        raise app.UsageError(f"{dataset} has fewer than the {needed} images per split that --batches and --batch "
-                             "need: lower them, or raise --images")  # fmt: skip
-    train = input_pipeline.train_dataset(builder, info, config, epoch=0, start_batch=0, process_index=0,
-                                         process_count=1)  # fmt: skip
-    evaluation = input_pipeline.eval_dataset(builder, info, config, process_index=0, process_count=1)
-    return {
-        "train": {"img_s": _images_per_second(input_pipeline.as_numpy(train), _BATCHES.value)},
-        "eval": {"img_s": _images_per_second(input_pipeline.as_numpy(evaluation), _BATCHES.value)},
+    train = input_pipeline.train_dataset(builder, info, config, 0, 0, 0, 1)
+    evaluation = input_pipeline.eval_dataset(builder, info, config, 0, 1)
+    figures = {}
+    for name, ds in (("train", train), ("eval", evaluation)):
+        img_s, per_image = _images_per_second(input_pipeline.as_numpy(ds), _BATCHES.value)
+        figures[name] = {"img_s": img_s, "img_s_per_core": img_s / cores(), "bytes_per_image": per_image}
+    return figures
+
+
+def _timm(root: str) -> dict[str, Any]:
+    import torch
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    size = _IMAGE_SIZE.value
+    train_tf = create_transform(size, is_training=True, color_jitter=0.4, re_prob=0.5, re_mode="pixel")
+    eval_tf = create_transform(size, is_training=False, crop_pct=CROP_PCT)
+    figures = {}
+    for name, split, transform in (("train", "train", train_tf), ("eval", "validation", eval_tf)):
+        loader = torch.utils.data.DataLoader(
+            ImageFolder(os.path.join(root, split), transform), batch_size=_BATCH.value, shuffle=name == "train",
+            num_workers=cores(), drop_last=True, persistent_workers=False,
+        )  # fmt: skip
+        batches = ({"image": x.numpy(), "label": y.numpy()} for x, y in loader)
+        img_s, per_image = _images_per_second(batches, _BATCHES.value)
+        figures[name] = {"img_s": img_s, "img_s_per_core": img_s / cores(), "bytes_per_image": per_image}
+    return figures
+
+
+def _stages(root: str) -> dict[str, float]:
+    """Milliseconds per image of each host operation of this project's training pipeline, alone, on
+    one core, over the train split's files (read from memory)."""
+    from res2net_jax import cli
+
+    cli.quiet_startup()
+    import tensorflow as tf
+
+    from res2net_jax import input_pipeline
+
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    config = _config(root)
+    folder = os.path.join(root, "train")
+    files = [os.path.join(d, f) for d, _, names in sorted(os.walk(folder)) for f in sorted(names)]
+    blobs = [tf.constant(open(f, "rb").read()) for f in files[: _BATCH.value]]
+    seed = tf.constant([0, 1], tf.int64)
+    size = [config.image_size, config.image_size]
+    draws = tf.random.stateless_uniform([input_pipeline.CROP_TRIES, 4], seed)
+
+    def window(data: tf.Tensor) -> tf.Tensor:
+        shape = tf.io.extract_jpeg_shape(data)
+        top, left, h, w = input_pipeline.crop_window(shape[0], shape[1], draws, config.crop_scale, config.crop_ratio)
+        return tf.stack([top, left, h, w])
+
+    def crop(data: tf.Tensor) -> tf.Tensor:
+        return tf.io.decode_and_crop_jpeg(data, window(data), channels=3)
+
+    operations = {
+        "decode_whole": tf.function(lambda data: tf.io.decode_jpeg(data, channels=3)),
+        "window": tf.function(window),
+        "decode_window": tf.function(crop),
+        "decode_window_resize": tf.function(
+            lambda data: tf.image.resize(crop(data), size, method="bilinear", antialias=True)
+        ),
+        "host_train_total": tf.function(lambda data: input_pipeline.preprocess_train(data, seed, config)),
+        "host_eval_total": tf.function(lambda data: input_pipeline.preprocess_eval(data, config)),
     }
+    figures = {}
+    for name, operation in operations.items():
+        for blob in blobs[:2]:
+            operation(blob)  # traces
+        start = time.perf_counter()
+        for blob in blobs:
+            operation(blob).numpy()
+        figures[name] = 1000 * (time.perf_counter() - start) / len(blobs)
+    return figures
+
+
+_SIDE = {"jax": _jax, "timm": _timm, "stages": _stages}
+
+
+def _run_worker(side: str, root: str) -> dict[str, Any]:
+    flags_passed = (f"--batch={_BATCH.value}", f"--batches={_BATCHES.value}", f"--image_size={_IMAGE_SIZE.value}")
+    command = [sys.executable, __file__, f"--worker={side}:{root}", f"--out={_OUT.value}", *flags_passed]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each round's figures per pipeline, and the median img/s."""
+    out = {}
+    for pipeline in runs[0]:
+        rates = [run[pipeline]["img_s"] for run in runs]
+        out[pipeline] = {"img_s_rounds": rates, "img_s": float(np.median(rates)),
+                         "img_s_per_core": float(np.median(rates)) / cores(),
+                         "bytes_per_image": runs[0][pipeline]["bytes_per_image"]}  # fmt: skip
+    return out
+
+
+def _measure(root: str) -> dict[str, Any]:
+    if not os.path.isdir(os.path.join(root, "train")) or not os.path.isdir(os.path.join(root, "validation")):
+        raise app.UsageError(f"{root} needs train/ and validation/ folders of class folders")
+    needed = (_BATCHES.value + 1) * _BATCH.value
+    for split in ("train", "validation"):
+        count = sum(len(names) for _, _, names in os.walk(os.path.join(root, split)))
+        if count < needed:
+            raise app.UsageError(f"{split}/ has {count} images, fewer than the {needed} images that --batches "
+                                 "and --batch need: lower them, or raise --images")  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in _SIDES.value}
+    for round_index in range(_ROUNDS.value):
+        for side in _SIDES.value if round_index % 2 == 0 else _SIDES.value[::-1]:
+            runs[side].append(_run_worker(side, root))
+            print(side, runs[side][-1], flush=True)
+    sides = {side: _summary(values) for side, values in runs.items()}
+    figures: dict[str, Any] = {"sides": sides}
+    if _STAGES.value:
+        figures["stages_ms_per_image"] = _run_worker("stages", root)
+    if {"jax", "timm"} <= set(sides):
+        figures["jax_over_timm"] = {p: sides["jax"][p]["img_s"] / sides["timm"][p]["img_s"] for p in ("train", "eval")}
+    return figures
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    if _WORKER.value:
+        side, root = _WORKER.value.split(":", 1)
+        print("RESULT " + json.dumps(_SIDE[side](root)))
+        return
     report.refuse_existing(_OUT.value)
+    unknown = set(_SIDES.value) - {"jax", "timm"}
+    if unknown:
+        raise app.UsageError(f"unknown --sides {', '.join(sorted(unknown))}: choose from jax, timm")
     settings = {"dataset": _DATASET.value or f"{_IMAGES.value} synthetic 500x375 JPEGs per split",
-                "batch": _BATCH.value, "batches": _BATCHES.value, "image_size": _IMAGE_SIZE.value}  # fmt: skip
+                "batch": _BATCH.value, "batches": _BATCHES.value, "image_size": _IMAGE_SIZE.value,
+                "rounds": _ROUNDS.value, "cores": cores(), "recipe": "configs/default.py"}  # fmt: skip
     if _DATASET.value:
-        pipelines = _measure(_DATASET.value)
+        if not _DATASET.value.startswith("folder:"):
+            raise app.UsageError("--dataset takes folder:PATH (timm reads image folders)")
+        figures = _measure(_DATASET.value.removeprefix("folder:"))
     else:
         with tempfile.TemporaryDirectory() as root:
             _write_jpegs(root, _IMAGES.value)
-            pipelines = _measure(f"folder:{root}")
-    print(pipelines)
-    report.write(_OUT.value, PACKAGES, settings, pipelines=pipelines)
+            figures = _measure(root)
+    print(json.dumps(figures, indent=1))
+    report.write(_OUT.value, PACKAGES, settings, **figures)
 
 
 if __name__ == "__main__":

@@ -199,15 +199,23 @@ def test_flop_count_matches_the_published_macs(name: str) -> None:
 
 
 def test_input_pipeline_speed_on_synthetic_jpegs(tmp_path) -> None:
+    """Both sides on the same JPEGs: what each hands over (this project uint8 and int32 label, epoch and
+    index; timm float32 and an int64 label) and a rate per core."""
     out = tmp_path / "pipeline.json"
     done = _script("input_pipeline_speed.py", "--images=40", "--batch=8", "--batches=3", "--image_size=64",
-                   f"--out={out}", timeout=600)  # fmt: skip
+                   "--rounds=1", f"--out={out}", timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["card"].startswith("CPU") and "tensorflow-datasets" in report["versions"]
-    assert report["pipelines"]["train"]["img_s"] > 0 and report["pipelines"]["eval"]["img_s"] > 0
+    assert report["card"].startswith("CPU") and "timm" in report["versions"]
+    sides = report["sides"]
+    assert sides["jax"]["train"]["bytes_per_image"] == 64 * 64 * 3 + 3 * 4
+    assert sides["jax"]["eval"]["bytes_per_image"] == 64 * 64 * 3 + 4 + 4  # label and mask
+    assert sides["timm"]["train"]["bytes_per_image"] == 64 * 64 * 3 * 4 + 8
+    for side in sides.values():
+        assert side["train"]["img_s_per_core"] > 0 and side["eval"]["img_s_per_core"] > 0
+    assert report["jax_over_timm"]["train"] > 0 and report["stages_ms_per_image"]["host_train_total"] > 0
     too_few = _script("input_pipeline_speed.py", "--images=10", "--batch=8", f"--out={tmp_path / 'b.json'}")
-    assert too_few.returncode != 0 and "fewer than the 72 images" in too_few.stderr
+    assert too_few.returncode != 0 and "fewer than the 64 images" in too_few.stderr
     assert not (tmp_path / "b.json").exists()
 
 

@@ -161,6 +161,33 @@ def test_jpeg_crop_decoding_equals_decoding_the_whole_image(mode: str) -> None:
         assert np.mean(levels > 2) < 0.03 and levels.mean() < 0.5, (seed, np.mean(levels > 2), levels.mean())
 
 
+def _torchvision_window(monkeypatch, height: int, width: int, draws: np.ndarray, scale, ratio) -> tuple:
+    """torchvision's RandomResizedCrop.get_params with its random numbers taken from `draws`: try i's
+    area and ratio from draws[i, 0:2], its offsets from draws[i, 2:4]. Also whether it fell back."""
+    import torchvision.transforms as T
+
+    calls = {"uniform": 0, "randint": 0}
+
+    class Empty:
+        def uniform_(self, low, high):
+            i = calls["uniform"]
+            calls["uniform"] += 1
+            u = float(draws[i // 2, i % 2])
+            return torch.tensor([float(low) + u * (float(high) - float(low))], dtype=torch.float64)
+
+    def randint(low, high, size):
+        k = calls["randint"]
+        calls["randint"] += 1
+        u = float(draws[(calls["uniform"] - 1) // 2, 2 + k])
+        return torch.tensor([low + int(np.floor(u * (high - low)))])
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "empty", lambda *shape: Empty())
+        patch.setattr(torch, "randint", randint)
+        window = T.RandomResizedCrop.get_params(torch.zeros(3, height, width), list(scale), list(ratio))
+    return window, calls["randint"] == 0
+
+
 @pytest.mark.parametrize(
     "height, width, scale",
     [(32, 32, (0.08, 1.0)), (8, 8, (0.6, 1.0)), (375, 500, (0.08, 1.0)), (12, 400, (0.08, 1.0)), (300, 7, (0.35, 1.0))],
@@ -168,31 +195,12 @@ def test_jpeg_crop_decoding_equals_decoding_the_whole_image(mode: str) -> None:
 def test_crop_window_is_torchvision_random_resized_crop(monkeypatch, height: int, width: int, scale) -> None:
     """torchvision's RandomResizedCrop.get_params fed the same uniform draws picks the same window,
     through its tries and its centre fallback (very wide or tall images fall back most of the time)."""
-    import torchvision.transforms as T
-
     ratio = (3 / 4, 4 / 3)
     draw_sets = np.random.RandomState(height * width).rand(150, input_pipeline.CROP_TRIES, 4).astype(np.float32)
     fallbacks = 0
     for draws in draw_sets:
-        calls = {"uniform": 0, "randint": 0}
-
-        class Empty:
-            def uniform_(self, low, high):
-                i = calls["uniform"]
-                calls["uniform"] += 1
-                u = float(draws[i // 2, i % 2])
-                return torch.tensor([float(low) + u * (float(high) - float(low))], dtype=torch.float64)
-
-        def randint(low, high, size):
-            k = calls["randint"]
-            calls["randint"] += 1
-            return torch.tensor([low + int(np.floor(float(draws[(calls["uniform"] - 1) // 2, 2 + k]) * (high - low)))])
-
-        with monkeypatch.context() as patch:
-            patch.setattr(torch, "empty", lambda *shape: Empty())
-            patch.setattr(torch, "randint", randint)
-            expected = T.RandomResizedCrop.get_params(torch.zeros(3, height, width), list(scale), list(ratio))
-        fallbacks += calls["randint"] == 0
+        expected, fell_back = _torchvision_window(monkeypatch, height, width, draws, scale, ratio)
+        fallbacks += fell_back
         ours = input_pipeline.crop_window(tf.constant(height), tf.constant(width), tf.constant(draws), scale, ratio)
         assert tuple(int(v) for v in ours) == expected, (draws, expected)
     if width / height > 10 or height / width > 10:
