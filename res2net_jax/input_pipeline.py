@@ -13,7 +13,7 @@ import difflib
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
@@ -179,22 +179,63 @@ def _random_resized_crop(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_col
     """
     draws = tf.random.stateless_uniform([CROP_TRIES, 4], seed)
 
+    output = [config.image_size, config.image_size]
+
     def window(shape: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         top, left, height, width = crop_window(shape[0], shape[1], draws, config.crop_scale, config.crop_ratio)
-        return tf.stack([top, left, 0]), tf.stack([height, width, -1])
+        return tf.stack([top, left]), tf.stack([height, width])
 
-    def jpeg() -> tf.Tensor:
-        header = tf.io.extract_jpeg_shape(image_bytes)
-        begin, size = window(tf.concat([header[:2], [3]], axis=0))
-        return tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([begin[0], begin[1], size[0], size[1]]), channels=3)
+    def jpeg() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        header = tf.io.extract_jpeg_shape(image_bytes)[:2]
+        begin, size = window(header)
+        return _decode_jpeg_window(image_bytes, header, begin, size, config.image_size)
 
-    def other() -> tf.Tensor:
+    def other() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         image = _decode(image_bytes)
-        begin, size = window(tf.shape(image))
-        return tf.slice(image, begin, size)
+        begin, size = window(tf.shape(image)[:2])
+        crop = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([size, [-1]], 0))
+        return crop, tf.cast(output, tf.float32) / tf.cast(size, tf.float32), tf.zeros([2])
 
-    crop = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
-    return tf.image.resize(crop, [config.image_size, config.image_size], method="bilinear", antialias=True)
+    crop, scale, translation = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+    return _resample(crop, scale, output, translation)
+
+
+DCT_RATIOS = (1, 2, 4, 8)  # the scales libjpeg decodes at directly
+
+
+def _decode_jpeg_window(
+    image_bytes: tf.Tensor, shape: tf.Tensor, begin: tf.Tensor, size: tf.Tensor, output: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Decodes only the window (begin, size) of a JPEG of `shape`, at the largest DCT scale 1/r
+    (r in DCT_RATIOS) that keeps both of the window's sides >= `output`: libjpeg then skips most of
+    the inverse DCT's work. Returns the decoded pixels with the scale and translation (`_resample`)
+    that map the window exactly onto `output` x `output` pixels: at r > 1 the decoded block covers
+    the window's scaled pixels, and the window's fractional edges are resampled, not rounded."""
+    fits = tf.stack([tf.reduce_min(size) >= ratio * output for ratio in DCT_RATIOS[1:]])
+    branch = tf.reduce_sum(tf.cast(fits, tf.int32))
+
+    def decode(ratio: int) -> Callable[[], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+        def run() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            scaled = (shape + ratio - 1) // ratio
+            start = begin // ratio
+            end = tf.minimum((begin + size + ratio - 1) // ratio, scaled)
+            pixels = tf.io.decode_and_crop_jpeg(image_bytes, tf.concat([start, end - start], 0), 3, ratio=ratio)
+            scale = ratio * output / tf.cast(size, tf.float32)
+            translation = -(tf.cast(begin, tf.float32) / ratio - tf.cast(start, tf.float32)) * scale
+            return pixels, scale, translation
+
+        return run
+
+    return tf.switch_case(branch, [decode(ratio) for ratio in DCT_RATIOS])
+
+
+def _resample(image: tf.Tensor, scale: tf.Tensor, output: list[int], translation: tf.Tensor) -> tf.Tensor:
+    """Bilinear antialiased resampling of `image` (uint8), as tf.image.resize(..., antialias=True) and
+    PIL's bilinear resize compute it: scaled by `scale` (height, width), then the `output` pixels at
+    offset -`translation`. Only those pixels are computed, so a centre crop of a resize costs the crop."""
+    return tf.raw_ops.ScaleAndTranslate(
+        images=image[None], size=output, scale=scale, translation=translation, kernel_type="triangle", antialias=True
+    )[0]
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -211,17 +252,16 @@ def preprocess_train(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_collect
 
 def preprocess_eval(image_bytes: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
     """Resize the shorter side to image_size / crop_pct (bilinear), center-crop image_size, as uint8;
-    the eval step normalises."""
-    image = tf.cast(_decode(image_bytes), tf.float32)
+    the eval step normalises. Only the crop's pixels are resampled."""
+    image = _decode(image_bytes)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     short = float(int(config.image_size / config.crop_pct))
     size = tf.cast(tf.floor(shape * short / tf.reduce_min(shape)), tf.int32)
     size = tf.maximum(size, config.image_size)
-    image = tf.image.resize(image, size, method="bilinear", antialias=True)
     # Round half to even, as torchvision's CenterCrop does.
-    top = tf.cast(tf.round((size[0] - config.image_size) / 2), tf.int32)
-    left = tf.cast(tf.round((size[1] - config.image_size) / 2), tf.int32)
-    return _to_uint8(image[top : top + config.image_size, left : left + config.image_size])
+    offset = tf.round(tf.cast(size - config.image_size, tf.float32) / 2)
+    scale = tf.cast(size, tf.float32) / shape
+    return _to_uint8(_resample(image, scale, [config.image_size, config.image_size], -offset))
 
 
 # --- Datasets ---------------------------------------------------------------------------------

@@ -136,12 +136,14 @@ def test_dataset_errors_say_what_to_do(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_jpeg_crop_decoding_equals_decoding_the_whole_image(mode: str) -> None:
+@pytest.mark.parametrize("image_size", [128, 40])
+def test_jpeg_crop_decoding_equals_decoding_the_whole_image(mode: str, image_size: int) -> None:
     """Training decodes only the crop window of a JPEG; the result must equal decoding everything and
     cropping after (the path PNGs take), fed the very pixels the JPEG decodes to. libjpeg upsamples
-    chroma at a window's left edge from fewer neighbours when the edge falls inside a block: about
-    1% of the crop's values move (by up to 16 levels of 255, measured). So: the same window, and
-    the resized outputs equal but for a few edge values."""
+    chroma at a window's left edge from fewer neighbours when the edge falls inside a block, which can
+    move a few edge values. At 40 px most windows are >= 2x and 4x the output, and libjpeg decodes them
+    at 1/2 or 1/4 scale, averaging in the DCT domain instead of the triangle filter: measured 0.7-1.9
+    levels of 255 on average, 1-28% of values by more than 2 levels (chroma most)."""
     import io
 
     coarse = np.random.RandomState(0).randint(0, 256, (30, 40, 3), dtype=np.uint8)
@@ -151,14 +153,17 @@ def test_jpeg_crop_decoding_equals_decoding_the_whole_image(mode: str) -> None:
     decoded = tf.io.decode_image(jpeg.getvalue(), channels=3).numpy()
     png = io.BytesIO()
     Image.fromarray(decoded).save(png, format="PNG")
-    config = _config("", image_size=64, color_jitter=0.0, random_erasing=0.0, hflip=False)
+    config = _config("", image_size=image_size, color_jitter=0.0, random_erasing=0.0, hflip=False)
     config.crop_scale = (0.08, 1.0)
     for seed in range(8):
         seed_tensor = tf.constant([seed, 7], tf.int64)
         from_jpeg = input_pipeline.preprocess_train(tf.constant(jpeg.getvalue()), seed_tensor, config).numpy()
         from_png = input_pipeline.preprocess_train(tf.constant(png.getvalue()), seed_tensor, config).numpy()
         levels = np.abs(from_jpeg.astype(np.float32) - from_png)
-        assert np.mean(levels > 2) < 0.03 and levels.mean() < 0.5, (seed, np.mean(levels > 2), levels.mean())
+        if image_size == 128:  # no window is 256 px high: always full scale
+            assert np.mean(levels > 2) < 0.03 and levels.mean() < 0.5, (seed, np.mean(levels > 2), levels.mean())
+        else:
+            assert np.mean(levels > 2) < 0.35 and levels.mean() < 2.5, (seed, np.mean(levels > 2), levels.mean())
 
 
 def _torchvision_window(monkeypatch, height: int, width: int, draws: np.ndarray, scale, ratio) -> tuple:
