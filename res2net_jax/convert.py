@@ -155,15 +155,23 @@ def from_torch(
     """Flax variables {'params', 'batch_stats'} (float32) from a timm / official PyTorch state dict.
 
     `overrides` are the architecture overrides the model was created with (see `create_model`).
-    `num_classes` defaults to the checkpoint's head. A checkpoint whose head has another class count
-    is an error unless `reset_head` is set: then its head is dropped and a freshly initialised one
-    (from `rng`) takes its place, as for fine-tuning ImageNet weights on a new dataset.
+    `num_classes` defaults to the checkpoint's head (0, pooled features, for a checkpoint without
+    one). A checkpoint whose head has another class count is an error unless `reset_head` is set:
+    then its head is dropped and a freshly initialised one (from `rng`) takes its place, as for
+    fine-tuning ImageNet weights on a new dataset. A model without a classifier (`num_classes=0`,
+    `features_only`) takes a classifier's checkpoint without its head, and a `features_only` model
+    whose `out_indices` stop early without the stages it does not run, as timm's do.
     """
     state_dict = {k: to_numpy(v) for k, v in state_dict.items()}
     file_classes = _head_classes(state_dict)
-    num_classes = num_classes or file_classes or 1000
+    if num_classes is None:
+        num_classes = file_classes if file_classes is not None else 0
     expected = _expected(model_name, num_classes, overrides)
-    new_head = file_classes is not None and file_classes != num_classes
+    if (overrides or {}).get("features_only"):
+        state_dict = {k: v for k, v in state_dict.items() if k in expected or k.endswith(_BN_COUNTER)}
+    elif HEAD_KEYS[0] not in expected:
+        state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
+    new_head = HEAD_KEYS[0] in expected and file_classes is not None and file_classes != num_classes
     if new_head and not reset_head:
         raise CheckpointMismatchError(
             f"the checkpoint's head has {file_classes} classes but {num_classes} were asked for: "
@@ -200,8 +208,9 @@ def _init_head(model_name: str, num_classes: int, rng: jax.Array | None, overrid
 
 
 def num_classes_of(variables: Variables) -> int:
-    """The class count of a variables pytree's classifier."""
-    return int(variables["params"]["fc"]["kernel"].shape[-1])
+    """The class count of a variables pytree's classifier (0 without one)."""
+    fc = variables["params"].get("fc")
+    return 0 if fc is None else int(fc["kernel"].shape[-1])
 
 
 def check_variables(variables: Variables, model_name: str, overrides: Overrides = None) -> None:

@@ -26,20 +26,22 @@ def conv(
     kernel: int,
     *,
     stride: int = 1,
+    dilation: int = 1,
     groups: int = 1,
     bias: bool = False,
     dtype: Dtype,
     name: str | None = None,
 ) -> nn.Conv:
-    """A PyTorch-style convolution: symmetric padding of kernel // 2 on every side.
+    """A PyTorch-style convolution: symmetric padding of dilation x (kernel // 2) on every side.
 
     Flax's 'SAME' pads (0, 1) at stride 2, PyTorch pads (1, 1): the weights expect the latter.
     """
-    pad = kernel // 2
+    pad = dilation * (kernel // 2)
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
+        kernel_dilation=(dilation, dilation),
         padding=((pad, pad), (pad, pad)),
         feature_group_count=groups,
         use_bias=bias,
@@ -115,6 +117,12 @@ def avg_pool_include_pad(x: jax.Array, window: int, stride: int, pad: int) -> ja
     """PyTorch AvgPool2d(window, stride, padding=pad) with count_include_pad=True, floor mode."""
     summed = _pool(x, 0.0, lax.add, window, stride, [(pad, pad), (pad, pad)])
     return summed / (window * window)
+
+
+def avg_pool_2x2_same(x: jax.Array) -> jax.Array:
+    """timm's AvgPool2dSame(2, stride=1): zeros padded after the last row and column, each 2x2 window
+    divided by 4 (the padded zeros count). Dilated v1b stages use it in place of a strided pool."""
+    return _pool(x, 0.0, lax.add, 2, 1, [(0, 1), (0, 1)]) / 4
 
 
 def avg_pool_ceil_exclude_pad(x: jax.Array, window: int) -> jax.Array:

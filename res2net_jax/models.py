@@ -14,9 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from res2net_jax.errors import InvalidInputError
 from res2net_jax.layers import (
     BatchNorm,
     accumulation_dtype,
+    avg_pool_2x2_same,
     avg_pool_ceil_exclude_pad,
     avg_pool_include_pad,
     conv,
@@ -47,7 +49,8 @@ class Bottle2neck(nn.Module):
     previous branch's output before its 3x3 conv (except in a stage's first block, where every branch
     sees only its own group and the last group is average-pooled); concat, 1x1 conv, residual add.
     `shortcut` is 'identity', 'conv' (1x1 conv with stride + BN) or 'avg_conv' (2x2 average pool
-    when strided, then 1x1 conv + BN); DLA passes its residual in instead.
+    when strided, then 1x1 conv + BN; in a dilated stage timm's stride-1 'same' 2x2 pool); DLA passes
+    its residual in instead. `dilation` dilates the 3x3 convolutions (a dilated backbone, as timm's).
     """
 
     width: int
@@ -55,6 +58,8 @@ class Bottle2neck(nn.Module):
     scale: int = 4
     cardinality: int = 1
     stride: int = 1
+    dilation: int = 1
+    pool_dilated: bool = False
     first: bool = False
     shortcut: str = "identity"
     dtype: Dtype = jnp.float32
@@ -75,6 +80,7 @@ class Bottle2neck(nn.Module):
                 self.width,
                 3,
                 stride=self.stride,
+                dilation=self.dilation,
                 groups=self.cardinality,
                 dtype=self.dtype,
                 name=f"convs_{i}",
@@ -99,9 +105,23 @@ class Bottle2neck(nn.Module):
         if self.shortcut == "avg_conv":
             if self.stride > 1:
                 x = avg_pool_ceil_exclude_pad(x, self.stride)
+            elif self.pool_dilated:
+                x = avg_pool_2x2_same(x)
             y = conv(self.out_features, 1, dtype=self.dtype, name="downsample_1")(x)
             return bn("downsample_2")(y, train)
         raise ValueError(f"unknown shortcut {self.shortcut!r}: use 'identity', 'conv' or 'avg_conv'")
+
+
+STEM_INDEX = 0  # timm's feature index of the stem's output (before the max pool), stride 2
+
+
+def _feature_dicts(all_features: list[dict[str, Any]], out_indices: Sequence[int], name: str) -> list[dict[str, Any]]:
+    """timm's feature_info dicts of `out_indices`; an index the network does not have is an error."""
+    known = [f["index"] for f in all_features]
+    unknown = [i for i in out_indices if i not in known]
+    if unknown:
+        raise InvalidInputError(f"{name} has no feature index {unknown}: its indices are {known}")
+    return [all_features[known.index(i)] for i in out_indices]
 
 
 class Res2Net(nn.Module):
@@ -109,6 +129,10 @@ class Res2Net(nn.Module):
 
     v1: 7x7/2 stem and 1x1 strided-conv shortcuts. v1b ("d"): `deep_stem` (three 3x3 convs, 32-32-64)
     and `avg_down` shortcuts (2x2 average pool, then a stride-1 1x1 conv).
+
+    Backbone use, as timm builds it: `features_only` returns the maps of `out_indices` (0: the stem at
+    stride 2; 1-4: the stages) instead of logits, and `output_stride` 16 or 8 replaces the last one or
+    two stages' stride by dilation. `num_classes=0` returns the pooled features.
     """
 
     layers: Sequence[int]
@@ -118,10 +142,14 @@ class Res2Net(nn.Module):
     deep_stem: bool = False
     avg_down: bool = False
     num_classes: int = 1000
+    features_only: bool = False
+    out_indices: Sequence[int] = (0, 1, 2, 3, 4)
+    output_stride: int = 32
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
     def setup(self) -> None:
+        _ = self.feature_info  # checks out_indices and output_stride
         dt = self.dtype
         if self.deep_stem:
             self.conv1 = {
@@ -134,14 +162,18 @@ class Res2Net(nn.Module):
         else:
             self.conv1 = conv(64, 7, stride=2, dtype=dt)
         self.bn1 = self._bn()
-        in_features = 64
+        in_features, net_stride, dilation = 64, 4, 1
         for stage, (depth, planes) in enumerate(zip(self.layers, (64, 128, 256, 512), strict=True)):
             width = (planes * self.base_width // 64) * self.cardinality
-            stage_stride = 1 if stage == 0 else 2
+            stage_stride, previous_dilation = (1 if stage == 0 else 2), dilation
+            if net_stride >= self.output_stride:  # timm: dilate instead of striding past output_stride
+                dilation, stage_stride = dilation * stage_stride, 1
+            else:
+                net_stride *= stage_stride
             blocks = []
             for index in range(depth):
                 stride = stage_stride if index == 0 else 1
-                needs_projection = stride != 1 or in_features != planes * 4
+                needs_projection = index == 0 and (stride != 1 or in_features != planes * 4)
                 blocks.append(
                     Bottle2neck(
                         width=width,
@@ -149,6 +181,8 @@ class Res2Net(nn.Module):
                         scale=self.scale,
                         cardinality=self.cardinality,
                         stride=stride,
+                        dilation=previous_dilation if index == 0 else dilation,
+                        pool_dilated=dilation > 1,
                         first=needs_projection,
                         shortcut=("avg_conv" if self.avg_down else "conv") if needs_projection else "identity",
                         dtype=dt,
@@ -157,21 +191,32 @@ class Res2Net(nn.Module):
                 )
                 in_features = planes * 4
             setattr(self, f"layer{stage + 1}", blocks)
-        self.fc = nn.Dense(self.num_classes, dtype=dt, param_dtype=jnp.float32)
+        if self.num_classes and not self.features_only:
+            self.fc = nn.Dense(self.num_classes, dtype=dt, param_dtype=jnp.float32)
 
     def _bn(self) -> BatchNorm:
         return BatchNorm(dtype=self.dtype, axis_name=self.axis_name)
 
+    def _all_features(self) -> list[dict[str, Any]]:
+        if self.output_stride not in (8, 16, 32):
+            raise InvalidInputError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
+        stem = {"num_chs": 64, "reduction": 2, "module": "act1", "index": STEM_INDEX}
+        return [stem] + [
+            {"num_chs": planes * 4, "reduction": min(4 * 2**i, self.output_stride), "module": f"layer{i + 1}",
+             "index": i + 1}
+            for i, planes in enumerate((64, 128, 256, 512))
+        ]  # fmt: skip
+
     @property
     def feature_info(self) -> list[dict[str, Any]]:
-        """Channels and stride of each map `stage_features` returns."""
-        return [
-            {"num_chs": planes * 4, "reduction": 4 * 2**i, "module": f"layer{i + 1}"}
-            for i, planes in enumerate((64, 128, 256, 512))
-        ]
+        """Channels, stride, timm module name and index of each map `features` returns."""
+        return _feature_dicts(self._all_features(), self.out_indices, type(self).__name__)
 
-    def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-        """The output of each of the four stages (strides 4, 8, 16, 32), for backbone use."""
+    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        """The maps of `out_indices` (timm's indexing: 0 the stem, 1-4 the stages), for backbone use."""
+        return self._maps(x, train, self.out_indices)
+
+    def _maps(self, x: jax.Array, train: bool, out_indices: Sequence[int]) -> tuple[jax.Array, ...]:
         _check_images(x)
         x = x.astype(self.dtype)
         if self.deep_stem:
@@ -181,23 +226,27 @@ class Res2Net(nn.Module):
         else:
             x = self.conv1(x)
         x = nn.relu(self.bn1(x, train))
+        maps = [x]
         x = max_pool(x, 3, 2, 1)
-        features = []
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4)[: max(out_indices)]:
             for block in stage:
                 x = block(x, train)
-            features.append(x)
-        return tuple(features)
+            maps.append(x)
+        return tuple(maps[i] for i in out_indices)
 
     def head(self, x: jax.Array) -> jax.Array:
-        """Global average pool and classifier over the last stage's map."""
+        """Global average pool and classifier over the last stage's map (pooled features alone when
+        num_classes is 0)."""
         acc = accumulation_dtype(self.dtype)
         x = jnp.mean(x.astype(acc), axis=(1, 2))
-        return self.fc(x.astype(self.dtype)).astype(acc)
+        return self.fc(x.astype(self.dtype)).astype(acc) if self.num_classes else x
 
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Logits (float32) for NHWC images normalised with the ImageNet mean and std."""
-        return self.head(self.stage_features(x, train)[-1])
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+        """Logits (float32) for NHWC images normalised with the ImageNet mean and std; the feature maps
+        of `out_indices` if `features_only`."""
+        if self.features_only:
+            return self.features(x, train)
+        return self.head(self._maps(x, train, (4,))[0])
 
 
 class DlaRoot(nn.Module):
@@ -269,7 +318,9 @@ class DLA(nn.Module):
     """DLA-60 with Res2Net / Res2NeXt bottlenecks.
 
     The reference adds a 2x2 max-pooled input to a padded stride-2 conv output, so height and width
-    must be divisible by 32 (timm raises for other sizes too).
+    must be divisible by 32 (timm raises for other sizes too). Backbone use as timm's: `features_only`
+    returns the maps of `out_indices` (level i at stride 2**i, i = 0..5); no dilated variant
+    (`output_stride` 32 only, as in timm). `num_classes=0` returns the pooled features.
     """
 
     levels: Sequence[int] = (1, 1, 1, 2, 3, 1)
@@ -278,10 +329,14 @@ class DLA(nn.Module):
     scale: int = 4
     cardinality: int = 1
     num_classes: int = 1000
+    features_only: bool = False
+    out_indices: Sequence[int] = (1, 2, 3, 4, 5)
+    output_stride: int = 32
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
     def setup(self) -> None:
+        _ = self.feature_info  # checks out_indices and output_stride
         dt = self.dtype
         c = self.channels
         self.base_layer = {"0": conv(c[0], 7, dtype=dt), "1": self._bn()}
@@ -298,7 +353,8 @@ class DLA(nn.Module):
         self.level3 = DlaTree(self.levels[3], c[2], c[3], 2, level_root=True, **tree_args)
         self.level4 = DlaTree(self.levels[4], c[3], c[4], 2, level_root=True, **tree_args)
         self.level5 = DlaTree(self.levels[5], c[4], c[5], 2, level_root=True, **tree_args)
-        self.fc = conv(self.num_classes, 1, bias=True, dtype=dt)
+        if self.num_classes and not self.features_only:
+            self.fc = conv(self.num_classes, 1, bias=True, dtype=dt)
 
     def _bn(self) -> BatchNorm:
         return BatchNorm(dtype=self.dtype, axis_name=self.axis_name)
@@ -316,30 +372,46 @@ class DLA(nn.Module):
             x = nn.relu(layers[str(3 * i + 1)](layers[str(3 * i)](x), train))
         return x
 
+    def _all_features(self) -> list[dict[str, Any]]:
+        if self.output_stride != 32:
+            raise InvalidInputError(
+                f"DLA networks have no dilated variant: output_stride must be 32 (as in timm), got {self.output_stride}"
+            )
+        return [
+            {"num_chs": c, "reduction": 2**i, "module": f"level{i}", "index": i} for i, c in enumerate(self.channels)
+        ]
+
     @property
     def feature_info(self) -> list[dict[str, Any]]:
-        """Channels and stride of each map `stage_features` returns."""
-        return [{"num_chs": self.channels[i], "reduction": 2**i, "module": f"level{i}"} for i in range(2, 6)]
+        """Channels, stride, timm module name and index of each map `features` returns."""
+        return _feature_dicts(self._all_features(), self.out_indices, type(self).__name__)
 
-    def stage_features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-        """The outputs of levels 2-5 (strides 4, 8, 16, 32), for backbone use."""
+    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        """The maps of `out_indices` (level i at stride 2**i), for backbone use."""
+        return self._maps(x, train, self.out_indices)
+
+    def _maps(self, x: jax.Array, train: bool, out_indices: Sequence[int]) -> tuple[jax.Array, ...]:
         _check_images(x, multiple=32)
         x = x.astype(self.dtype)
         x = self._run_conv_level(self.base_layer, x, train)
-        x = self._run_conv_level(self.level0, x, train)
-        x = self._run_conv_level(self.level1, x, train)
-        features = []
-        for level in (self.level2, self.level3, self.level4, self.level5):
-            x = level(x, train)
-            features.append(x)
-        return tuple(features)
+        maps = [self._run_conv_level(self.level0, x, train)]
+        maps.append(self._run_conv_level(self.level1, maps[-1], train))
+        for level in (self.level2, self.level3, self.level4, self.level5)[: max(out_indices) - 1]:
+            maps.append(level(maps[-1], train))
+        return tuple(maps[i] for i in out_indices)
 
     def head(self, x: jax.Array) -> jax.Array:
-        """Global average pool and the 1x1-conv classifier over the last level's map."""
+        """Global average pool and the 1x1-conv classifier over the last level's map (pooled features
+        alone when num_classes is 0)."""
         acc = accumulation_dtype(self.dtype)
         x = jnp.mean(x.astype(acc), axis=(1, 2), keepdims=True)
+        if not self.num_classes:
+            return x[:, 0, 0]
         return jnp.squeeze(self.fc(x.astype(self.dtype)), axis=(1, 2)).astype(acc)
 
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Logits (float32) for NHWC images normalised with the ImageNet mean and std."""
-        return self.head(self.stage_features(x, train)[-1])
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+        """Logits (float32) for NHWC images normalised with the ImageNet mean and std; the feature maps
+        of `out_indices` if `features_only`."""
+        if self.features_only:
+            return self.features(x, train)
+        return self.head(self._maps(x, train, (5,))[0])

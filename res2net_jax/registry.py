@@ -105,16 +105,20 @@ def create_model(
     `dtype` is the compute dtype: float32 or bfloat16 (parameters and BN statistics stay float32),
     or float64 under `jax.enable_x64(True)` for numerical verification.
     `axis_name` synchronises BN batch statistics over a mapped axis in data-parallel training.
-    `overrides` replace architecture fields, e.g. `layers=(1, 1, 1, 1)` for a reduced-depth Res2Net.
+    `num_classes=0` builds no classifier: the model returns pooled features.
+    `overrides` replace architecture fields, e.g. `layers=(1, 1, 1, 1)` for a reduced-depth Res2Net, or
+    the backbone fields `features_only`, `out_indices` and `output_stride` (as timm's).
     """
     if jnp.dtype(dtype).name not in ("float32", "bfloat16", "float64"):
         raise ValueError(f"compute dtype must be float32 or bfloat16 (float64 to verify), got {jnp.dtype(dtype).name}")
-    if num_classes < 1:
-        raise InvalidInputError(f"num_classes must be positive, got {num_classes}")
+    if num_classes < 0:
+        raise InvalidInputError(f"num_classes must be positive (0: pooled features, no classifier), got {num_classes}")
     spec = get_spec(name)
     fields = {f.name for f in dataclasses.fields(spec.family)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise InvalidInputError(f"{name} has no field {', '.join(unknown)}; its fields: {', '.join(sorted(fields))}")
     kwargs = {**spec.kwargs, **overrides}
-    return spec.family(**kwargs, num_classes=num_classes, dtype=dtype, axis_name=axis_name)
+    model = spec.family(**kwargs, num_classes=num_classes, dtype=dtype, axis_name=axis_name)
+    _ = model.feature_info  # checks out_indices and output_stride here, not at the first call
+    return model

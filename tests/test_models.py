@@ -47,30 +47,73 @@ def test_parameter_count_equals_timm_and_published(name: str) -> None:
         assert abs(count / 1e6 - published) < 0.01
 
 
-def test_stage_features_match_timm_stages() -> None:
-    for name, stages, size in [
-        ("res2net50d", [f"layer{i}" for i in range(1, 5)], (97, 113)),
-        ("dla60_res2next", [f"level{i}" for i in range(2, 6)], (64, 96)),
-    ]:
-        reference = timm_model(name)
-        captured: list[torch.Tensor] = []
+BACKBONES = [  # (name, out_indices, output_stride, image height, width)
+    ("res2net50d", (0, 1, 2, 3, 4), 32, 97, 113),
+    ("res2net50d", (0, 1, 2, 3, 4), 16, 64, 80),
+    ("res2net50_26w_4s", (1, 3, 4), 8, 64, 64),
+    ("res2next50", (1, 2), 16, 64, 96),
+    ("dla60_res2next", (0, 1, 2, 3, 4, 5), 32, 64, 96),
+]
 
-        def capture(module: torch.nn.Module, inputs: tuple, output: torch.Tensor, into: list = captured) -> None:
-            into.append(output)
 
-        hooks = [getattr(reference, stage).register_forward_hook(capture) for stage in stages]
-        x = images_nchw(1, *size)
-        with torch.no_grad():
-            reference(torch.from_numpy(x))
-        for hook in hooks:
-            hook.remove()
-        model = create_model(name)
-        variables = convert.from_torch(state_dict_numpy(reference), name)
-        features = model.apply(variables, jnp.asarray(nhwc(x)), method=model.stage_features)
-        assert [info["reduction"] for info in model.feature_info] == [4, 8, 16, 32]
-        for ours, theirs, info in zip(features, captured, model.feature_info, strict=True):
-            assert ours.shape[-1] == info["num_chs"]
-            assert rel_error(ours, nhwc(theirs.numpy())) <= 1e-5
+@pytest.mark.parametrize(("name", "out_indices", "output_stride", "height", "width"), BACKBONES)
+def test_features_only_equals_timm(name: str, out_indices: tuple, output_stride: int, height: int, width: int) -> None:
+    """create_model(features_only=True, out_indices, output_stride) against timm's, on the same weights:
+    each map to 1e-5, and feature_info as timm's (index 0 the stem at stride 2; dilation past the stride)."""
+    backbone = {"features_only": True, "out_indices": out_indices}
+    if output_stride != 32:
+        backbone["output_stride"] = output_stride
+    reference = timm_model(name, **backbone)
+    model = create_model(name, **backbone)
+    variables = convert.from_torch(state_dict_numpy(reference), name, overrides=backbone)
+    assert model.feature_info == reference.feature_info.get_dicts()
+    x = images_nchw(1, height, width)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x))
+    features = model.apply(variables, jnp.asarray(nhwc(x)))
+    assert len(features) == len(expected) == len(out_indices)
+    for ours, theirs in zip(features, expected, strict=True):
+        assert rel_error(ours, nhwc(theirs.numpy())) <= 1e-5
+
+
+def test_classifier_weights_serve_a_truncated_backbone() -> None:
+    """A classifier's checkpoint loads into a features_only model that stops at stage 2 (its head and
+    later stages left out, as timm does), and gives the classifier's own maps (`features`)."""
+    reference, full = timm_pair("res2net50_26w_4s")
+    x = jnp.asarray(nhwc(images_nchw(1, 64, 64)))
+    classifier = create_model("res2net50_26w_4s")
+    expected = classifier.apply(full, x, method=classifier.features)
+    backbone = {"features_only": True, "out_indices": (1, 2)}
+    variables = convert.from_torch(state_dict_numpy(reference), "res2net50_26w_4s", overrides=backbone)
+    assert "layer3_0" not in variables["params"] and "fc" not in variables["params"]
+    ours = create_model("res2net50_26w_4s", **backbone).apply(variables, x)
+    for a, b in zip(ours, expected[1:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["res2net50_14w_8s", "dla60_res2net"])
+def test_num_classes_0_gives_timm_pooled_features(name: str) -> None:
+    reference, _ = timm_pair(name, num_classes=0)
+    variables = convert.from_torch(state_dict_numpy(reference), name)  # no head in the file: num_classes 0
+    x = images_nchw(2, 64, 96)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    pooled = create_model(name, num_classes=0).apply(variables, jnp.asarray(nhwc(x)))
+    assert pooled.shape == expected.shape == (2, 2048 if name.startswith("res2net") else 1024)
+    assert rel_error(pooled, expected) <= 1e-5
+    classifier, _ = timm_pair(name)  # a classifier's checkpoint drops its head for num_classes=0
+    headless = convert.from_torch(state_dict_numpy(classifier), name, num_classes=0)
+    assert "fc" not in headless["params"] and convert.num_classes_of(headless) == 0
+
+
+def test_backbone_settings_are_checked() -> None:
+    """create_model refuses what the network does not have, in one line, before anything runs."""
+    with pytest.raises(ValueError, match="no feature index \\[5\\]: its indices are \\[0, 1, 2, 3, 4\\]"):
+        create_model("res2net50d", features_only=True, out_indices=(1, 5))
+    with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32"):
+        create_model("res2net50d", output_stride=4)
+    with pytest.raises(ValueError, match="no dilated variant"):
+        create_model("dla60_res2net", output_stride=16)
 
 
 def test_bfloat16_compute_keeps_float32_state() -> None:
