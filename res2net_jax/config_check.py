@@ -101,6 +101,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     """Raises InvalidInputError (or MissingFileError) naming the first field that cannot work."""
     create_model(config.model, num_classes=2, **dict(config.model_overrides))  # the model first: unknown name
+    backbone = sorted(set(config.model_overrides) & {"features_only", "out_indices", "output_stride", "in_chans"})
+    if backbone:  # main.py trains classifiers on RGB images
+        raise InvalidInputError(f"config.model_overrides.{backbone[0]} is not allowed in main.py: it trains "
+                                "classifiers on RGB images; use those fields through create_model")  # fmt: skip
     for field, (ok, allowed) in RULES.items():
         value = config[field]
         if not ok(tuple(value) if isinstance(value, list) else value):

@@ -18,6 +18,7 @@ files is `res2net_jax.weight_files`.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from res2net_jax.errors import InvalidInputError
-from res2net_jax.models import Res2Net
+from res2net_jax.models import DLA, Res2Net
 from res2net_jax.registry import MODELS, create_model, get_spec
 
 Variables = dict[str, Any]
@@ -82,8 +83,29 @@ def _expected(model_name: str, num_classes: int, overrides: Overrides = None) ->
 def _expected_cached(model_name: str, num_classes: int, overrides: tuple) -> dict[str, tuple]:
     """PyTorch key -> (Flax path, PyTorch shape) for every variable of the model."""
     model = create_model(model_name, num_classes=num_classes, **dict(overrides))
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, model.in_chans), jnp.float32))
     return torch_layout(shapes)
+
+
+def first_conv_key(model_name: str) -> str:
+    """The PyTorch key of the convolution that reads the image (timm's pretrained_cfg 'first_conv')."""
+    spec = get_spec(model_name)
+    if spec.family is DLA:
+        return "base_layer.0.weight"
+    return "conv1.0.weight" if spec.kwargs.get("deep_stem") else "conv1.weight"
+
+
+def adapt_input_conv(weight: np.ndarray, in_chans: int) -> np.ndarray:
+    """An RGB first convolution's weights (O, 3, kh, kw) for `in_chans` input channels, as timm adapts
+    pretrained weights: summed over the colours for 1 channel, else repeated and cut to `in_chans`
+    and scaled by 3 / in_chans, so that a grey image repeated in every channel gives the same output."""
+    if weight.shape[1] != 3:
+        raise CheckpointMismatchError(f"the first convolution reads {weight.shape[1]} channels: only RGB (3) "
+                                      f"weights can be adapted to in_chans={in_chans}")  # fmt: skip
+    if in_chans == 1:
+        return weight.sum(axis=1, keepdims=True)
+    repeated = np.tile(weight, (1, math.ceil(in_chans / 3), 1, 1))[:, :in_chans]
+    return repeated * np.float32(3 / in_chans)
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -160,13 +182,18 @@ def from_torch(
     then its head is dropped and a freshly initialised one (from `rng`) takes its place, as for
     fine-tuning ImageNet weights on a new dataset. A model without a classifier (`num_classes=0`,
     `features_only`) takes a classifier's checkpoint without its head, and a `features_only` model
-    whose `out_indices` stop early without the stages it does not run, as timm's do.
+    whose `out_indices` stop early without the stages it does not run, as timm's do. An RGB
+    checkpoint loads into a model of another `in_chans` through `adapt_input_conv`.
     """
     state_dict = {k: to_numpy(v) for k, v in state_dict.items()}
     file_classes = _head_classes(state_dict)
     if num_classes is None:
         num_classes = file_classes if file_classes is not None else 0
     expected = _expected(model_name, num_classes, overrides)
+    first = first_conv_key(model_name)
+    in_chans = expected[first][1][1]
+    if first in state_dict and state_dict[first].shape[1] != in_chans:
+        state_dict[first] = adapt_input_conv(state_dict[first], in_chans)
     if (overrides or {}).get("features_only"):
         state_dict = {k: v for k, v in state_dict.items() if k in expected or k.endswith(_BN_COUNTER)}
     elif HEAD_KEYS[0] not in expected:

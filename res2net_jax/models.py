@@ -28,10 +28,10 @@ from res2net_jax.layers import (
 Dtype = Any
 
 
-def _check_images(x: jax.Array, multiple: int = 1) -> None:
-    if x.ndim != 4 or x.shape[-1] != 3:
-        hint = " (NCHW? transpose to NHWC)" if x.ndim == 4 and x.shape[1] == 3 else ""
-        raise ValueError(f"expected NHWC images with 3 channels, got shape {x.shape}{hint}")
+def _check_images(x: jax.Array, channels: int, multiple: int = 1) -> None:
+    if x.ndim != 4 or x.shape[-1] != channels:
+        hint = " (NCHW? transpose to NHWC)" if x.ndim == 4 and x.shape[1] == channels else ""
+        raise ValueError(f"expected NHWC images with {channels} channels (in_chans), got shape {x.shape}{hint}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
             f"expected normalised float images, got {x.dtype}; res2net_jax.make_predict_fn preprocesses uint8 images"
@@ -132,7 +132,8 @@ class Res2Net(nn.Module):
 
     Backbone use, as timm builds it: `features_only` returns the maps of `out_indices` (0: the stem at
     stride 2; 1-4: the stages) instead of logits, and `output_stride` 16 or 8 replaces the last one or
-    two stages' stride by dilation. `num_classes=0` returns the pooled features.
+    two stages' stride by dilation. `num_classes=0` returns the pooled features; `in_chans` sets the
+    input's channel count.
     """
 
     layers: Sequence[int]
@@ -142,6 +143,7 @@ class Res2Net(nn.Module):
     deep_stem: bool = False
     avg_down: bool = False
     num_classes: int = 1000
+    in_chans: int = 3
     features_only: bool = False
     out_indices: Sequence[int] = (0, 1, 2, 3, 4)
     output_stride: int = 32
@@ -217,7 +219,7 @@ class Res2Net(nn.Module):
         return self._maps(x, train, self.out_indices)
 
     def _maps(self, x: jax.Array, train: bool, out_indices: Sequence[int]) -> tuple[jax.Array, ...]:
-        _check_images(x)
+        _check_images(x, self.in_chans)
         x = x.astype(self.dtype)
         if self.deep_stem:
             for key in ("0", "1", "3", "4", "6"):
@@ -320,7 +322,8 @@ class DLA(nn.Module):
     The reference adds a 2x2 max-pooled input to a padded stride-2 conv output, so height and width
     must be divisible by 32 (timm raises for other sizes too). Backbone use as timm's: `features_only`
     returns the maps of `out_indices` (level i at stride 2**i, i = 0..5); no dilated variant
-    (`output_stride` 32 only, as in timm). `num_classes=0` returns the pooled features.
+    (`output_stride` 32 only, as in timm). `num_classes=0` returns the pooled features; `in_chans`
+    sets the input's channel count.
     """
 
     levels: Sequence[int] = (1, 1, 1, 2, 3, 1)
@@ -329,6 +332,7 @@ class DLA(nn.Module):
     scale: int = 4
     cardinality: int = 1
     num_classes: int = 1000
+    in_chans: int = 3
     features_only: bool = False
     out_indices: Sequence[int] = (1, 2, 3, 4, 5)
     output_stride: int = 32
@@ -391,7 +395,7 @@ class DLA(nn.Module):
         return self._maps(x, train, self.out_indices)
 
     def _maps(self, x: jax.Array, train: bool, out_indices: Sequence[int]) -> tuple[jax.Array, ...]:
-        _check_images(x, multiple=32)
+        _check_images(x, self.in_chans, multiple=32)
         x = x.astype(self.dtype)
         x = self._run_conv_level(self.base_layer, x, train)
         maps = [self._run_conv_level(self.level0, x, train)]

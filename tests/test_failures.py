@@ -220,6 +220,14 @@ def test_each_bad_config_value_is_named(field: str, value: object) -> None:
         config_check.check(config)
 
 
+@pytest.mark.parametrize("override", [{"features_only": True}, {"output_stride": 16}, {"in_chans": 1}])
+def test_backbone_overrides_are_refused_for_training(override: dict) -> None:
+    config = importlib.import_module("configs.quickstart").get_config()
+    config.model_overrides.update(override)
+    with pytest.raises(errors.InvalidInputError, match=f"config.model_overrides.{next(iter(override))} is not allowed"):
+        config_check.check(config)
+
+
 def test_every_config_field_is_checked_and_the_shipped_configs_pass() -> None:
     default = importlib.import_module("configs.default").get_config()
     unchecked = set(default) - set(config_check.RULES) - {"model", "model_overrides", "data_dir", "train_split",

@@ -106,6 +106,30 @@ def test_num_classes_0_gives_timm_pooled_features(name: str) -> None:
     assert "fc" not in headless["params"] and convert.num_classes_of(headless) == 0
 
 
+@pytest.mark.parametrize(("name", "in_chans"), [("res2net50_26w_4s", 1), ("res2net50d", 4), ("dla60_res2net", 2)])
+def test_in_chans_equals_timm_and_adapts_rgb_weights_as_timm(name: str, in_chans: int) -> None:
+    """A model of `in_chans` channels equals timm's on the same weights; an RGB checkpoint loads into it
+    with its first convolution adapted as timm's adapt_input_conv adapts pretrained weights."""
+    from timm.models._manipulate import adapt_input_conv
+
+    reference, _ = timm_pair(name, in_chans=in_chans)
+    variables = convert.from_torch(state_dict_numpy(reference), name, overrides={"in_chans": in_chans})
+    x = np.random.RandomState(2).randn(2, in_chans, 64, 64).astype(np.float32)
+    model = create_model(name, in_chans=in_chans)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    assert rel_error(model.apply(variables, jnp.asarray(nhwc(x))), expected) <= 1e-5
+    rgb, rgb_variables = timm_pair(name)
+    adapted = convert.from_torch(state_dict_numpy(rgb), name, overrides={"in_chans": in_chans})
+    first = convert.first_conv_key(name)
+    with torch.no_grad():
+        rgb.get_submodule(first.removesuffix(".weight")).weight.data = adapt_input_conv(
+            in_chans, rgb.state_dict()[first]
+        )
+        expected = rgb(torch.from_numpy(x)).numpy()
+    assert rel_error(model.apply(adapted, jnp.asarray(nhwc(x))), expected) <= 1e-5
+
+
 def test_backbone_settings_are_checked() -> None:
     """create_model refuses what the network does not have, in one line, before anything runs."""
     with pytest.raises(ValueError, match="no feature index \\[5\\]: its indices are \\[0, 1, 2, 3, 4\\]"):
@@ -114,6 +138,9 @@ def test_backbone_settings_are_checked() -> None:
         create_model("res2net50d", output_stride=4)
     with pytest.raises(ValueError, match="no dilated variant"):
         create_model("dla60_res2net", output_stride=16)
+    with pytest.raises(ValueError, match="expected NHWC images with 1 channels \\(in_chans\\)"):
+        model = create_model("res2net50_26w_4s", in_chans=1)
+        model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
 
 
 def test_bfloat16_compute_keeps_float32_state() -> None:
