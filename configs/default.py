@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.grad_clip_norm = 0.0  # 0 disables clipping
     config.grad_accum_steps = 1  # k > 1: each update averages k passes of batch_size (trains like k x batch_size)
     config.ema_decay = 0.0  # > 0 keeps (and evaluates) an exponential moving average of the weights
+    # Parameters left untouched by the optimiser: a regular expression searched in each parameter's
+    # path, e.g. "^(conv1|bn1|layer1_)" freezes the stem and the first stage ("" trains everything).
+    # Their BN running statistics still update.
+    config.freeze = ""
 
     # Weights to start from (fine-tuning) or to validate: a .pth/.bin/.safetensors file or Orbax directory.
     config.init_weights = ""

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import jax
+
+from res2net_jax import steps
 from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.registry import create_model
 
@@ -55,6 +59,17 @@ def _range_pair(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
 
 
 _BOOL = ((lambda v: isinstance(v, bool)), "True or False")
+
+
+def _is_regex(value: Any) -> bool:
+    try:
+        re.compile(value)
+    except (re.error, TypeError):
+        return False
+    return True
+
+
+_REGEX = (_is_regex, "a regular expression ('' for none)")
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dtype": _one_of(DTYPES),
     "backend": _one_of(BACKENDS),
@@ -86,6 +101,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr_decay_rate": _at_least(0, strict=True),
     "weight_decay": _at_least(0),
     "decay_bn_and_bias": _BOOL,
+    "freeze": _REGEX,
     "grad_clip_norm": _at_least(0),
     "grad_accum_steps": _integer(1),
     "ema_decay": _fraction(upper_open=True),
@@ -100,7 +116,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     """Raises InvalidInputError (or MissingFileError) naming the first field that cannot work."""
-    create_model(config.model, num_classes=2, **dict(config.model_overrides))  # the model first: unknown name
+    model = create_model(config.model, num_classes=2, **dict(config.model_overrides))  # first: unknown name
     backbone = sorted(set(config.model_overrides) & {"features_only", "out_indices", "output_stride", "in_chans"})
     if backbone:  # main.py trains classifiers on RGB images
         raise InvalidInputError(f"config.model_overrides.{backbone[0]} is not allowed in main.py: it trains "
@@ -111,6 +127,9 @@ def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
             raise InvalidInputError(f"config.{field}={value!r} is not allowed: use {allowed}")
     if config.num_train_steps == -1 and config.num_epochs < 1:
         raise InvalidInputError(f"config.num_epochs={config.num_epochs!r} is not allowed: use a whole number >= 1")
+    if config.freeze:  # freezes some but not all of this model's parameters
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), "float32"))
+        steps.frozen_labels(shapes["params"], config.freeze)
     if config.reset_head and not config.init_weights:
         raise InvalidInputError("config.reset_head is set but no weights to fine-tune: pass --config.init_weights=PATH")
     paths = {"init_weights": config.init_weights}

@@ -10,6 +10,7 @@ statistics over axis 'batch') and mapped over a 1-D mesh of all devices with `ja
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +110,25 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
         raise InvalidInputError(f"unknown optimizer {name!r}: use sgd, momentum, nesterov, adamw or lamb")
     if config.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if config.freeze:
+        labels = functools.partial(frozen_labels, pattern=config.freeze)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
+
+
+def frozen_labels(params: Any, pattern: str) -> Any:
+    """'frozen' where `pattern` is found in a parameter's path ('layer1_0/bn1/scale'), else 'train'.
+
+    A pattern that freezes nothing, or everything, is an error: it is surely not what was meant."""
+    labels = flax.traverse_util.path_aware_map(
+        lambda path, _: "frozen" if re.search(pattern, "/".join(path)) else "train", params
+    )
+    kinds = set(jax.tree.leaves(labels))
+    if kinds != {"frozen", "train"}:
+        example = "/".join(next(iter(flax.traverse_util.flatten_dict(params))))
+        what = "no parameter" if kinds == {"train"} else "every parameter"
+        raise InvalidInputError(f"config.freeze={pattern!r} matches {what}; paths look like {example!r}")
+    return labels
 
 
 # --- Loss and mixup/cutmix on device ------------------------------------------------------------

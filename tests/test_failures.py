@@ -209,6 +209,7 @@ BAD_VALUES = [
     ("num_train_steps", 0), ("image_size", 16), ("crop_scale", (0.5, 0.1)), ("crop_pct", 0.0),
     ("label_smoothing", 1.0), ("ema_decay", 1.0), ("momentum", 1.5), ("grad_accum_steps", 0),
     ("eval_every_epochs", 0.0), ("backend", "ascend"), ("random_erasing", 2.0), ("color_jitter", -0.1),
+    ("freeze", "layer1_("),
 ]  # fmt: skip
 
 
@@ -217,6 +218,17 @@ def test_each_bad_config_value_is_named(field: str, value: object) -> None:
     config = importlib.import_module("configs.quickstart").get_config()
     config[field] = value
     with pytest.raises(errors.InvalidInputError, match=f"config.{field}=.* is not allowed: use "):
+        config_check.check(config)
+
+
+@pytest.mark.parametrize(("pattern", "what"), [("layer9", "no parameter"), ("", None), (".", "every parameter")])
+def test_freeze_must_freeze_some_parameters(pattern: str, what: str | None) -> None:
+    config = importlib.import_module("configs.quickstart").get_config()
+    config.freeze = pattern
+    if what is None:
+        config_check.check(config)
+        return
+    with pytest.raises(errors.InvalidInputError, match=f"config.freeze='{pattern}' matches {what}; paths look like"):
         config_check.check(config)
 
 

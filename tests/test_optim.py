@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,6 +98,34 @@ def test_clipping_bounds_the_update_norm() -> None:
                                      optax.constant_schedule(1.0))  # fmt: skip
     updates, _ = clipped.update(jax.tree.map(jnp.asarray, _params(1)), clipped.init(params), params)
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_frozen_parameters_stay_bit_identical_through_training() -> None:
+    """config.freeze: the stem and first stage keep their exact values through three Nesterov updates
+    with weight decay and clipping, while every other parameter moves."""
+    config = _config(optimizer="nesterov", weight_decay=1e-2, grad_clip_norm=1.0, batch_size=8, seed=0,
+                     freeze="^(conv1|bn1|layer1_)", hflip=False, color_jitter=0.0, random_erasing=0.0)  # fmt: skip
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (steps.AXIS,))
+    model = steps.build_model(config, num_classes=3, dtype=jnp.float32).clone(layers=(1, 1, 1, 1), base_width=4)
+    rng = np.random.RandomState(0)
+    batch = {"image": rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8), "label": rng.randint(0, 3, 8),
+             "epoch": np.zeros(8, np.int32), "index": np.arange(8, dtype=np.int32)}  # fmt: skip
+    variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    tx = steps.create_optimizer(config, optax.constant_schedule(0.5))
+    state = steps.init_train_state(config, tx, variables)
+    before = jax.tree.map(np.asarray, variables["params"])
+    train_step = steps.make_train_step(model, tx, config, mesh)
+    for _ in range(3):
+        state, _ = train_step(state, batch)
+    after = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, state.params), sep="/")
+    frozen = 0
+    for path, old in flax.traverse_util.flatten_dict(before, sep="/").items():
+        if path.startswith(("conv1/", "bn1/", "layer1_")):
+            np.testing.assert_array_equal(after[path], old, err_msg=path)
+            frozen += 1
+        else:
+            assert not np.array_equal(after[path], old), path
+    assert frozen >= 10
 
 
 @jax.enable_x64(True)
