@@ -3,6 +3,7 @@
 from res2net_jax import convert, weight_files
 from res2net_jax.inference import Prediction, make_predict_fn, preprocess
 from res2net_jax.models import DLA, Bottle2neck, Res2Net
+from res2net_jax.pretrained import from_pretrained, save_pretrained
 from res2net_jax.registry import ModelSpec, create_model, get_spec, list_models
 
 __all__ = [
@@ -13,10 +14,12 @@ __all__ = [
     "Res2Net",
     "convert",
     "create_model",
+    "from_pretrained",
     "get_spec",
     "list_models",
     "make_predict_fn",
     "preprocess",
+    "save_pretrained",
     "weight_files",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,107 @@
+"""from_pretrained / save_pretrained against timm: its local-dir loading, its save_for_hf, and an
+offline Hugging Face cache in the layout huggingface_hub reads (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import images_nchw, nhwc, rel_error, timm_pair
+from launch import ROOT
+
+from res2net_jax import create_model, from_pretrained, save_pretrained
+from res2net_jax.errors import MissingFileError, OutputExistsError
+
+NAME = "res2net50_14w_8s"
+
+
+def _logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(x)).numpy()
+
+
+def test_save_pretrained_is_read_by_timm_local_dir(tmp_path) -> None:
+    _, variables = timm_pair(NAME, num_classes=3)
+    directory = tmp_path / "digits"
+    save_pretrained(directory, NAME, variables, class_names=["zero", "one", "two"])
+    loaded = timm.create_model(f"local-dir:{directory}", pretrained=True)
+    assert loaded.pretrained_cfg["crop_pct"] == 0.875 and loaded.num_classes == 3
+    assert json.loads((directory / "config.json").read_text())["label_names"] == ["zero", "one", "two"]
+    x = images_nchw(2, 64, 64)
+    ours = create_model(NAME, num_classes=3).apply(variables, jnp.asarray(nhwc(x)))
+    assert rel_error(ours, _logits(loaded, x)) <= 1e-5
+    with pytest.raises(OutputExistsError):
+        save_pretrained(directory, NAME, variables)
+
+
+def test_from_pretrained_reads_timm_save_for_hf(tmp_path) -> None:
+    """What timm's save_for_hf wrote: the same logits; num_classes=10 a new head, 0 the pooled features."""
+    reference, _ = timm_pair(NAME, num_classes=5)
+    timm.models.save_for_hf(reference, str(tmp_path / "saved"), safe_serialization=True)
+    x = images_nchw(2, 64, 64)
+    model, variables = from_pretrained(str(tmp_path / "saved"))
+    assert rel_error(model.apply(variables, jnp.asarray(nhwc(x))), _logits(reference, x)) <= 1e-5
+    ten, new_head = from_pretrained(str(tmp_path / "saved"), num_classes=10)
+    assert new_head["params"]["fc"]["kernel"].shape == (2048, 10) and ten.num_classes == 10
+    pooled, body = from_pretrained(str(tmp_path / "saved"), num_classes=0)
+    reference.reset_classifier(0)
+    assert rel_error(pooled.apply(body, jnp.asarray(nhwc(x))), _logits(reference, x)) <= 1e-5
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(MissingFileError, match="holds no model.safetensors or pytorch_model.bin"):
+        from_pretrained(str(tmp_path / "empty"))
+
+
+def _hub_cache(root: str, repo_id: str, files: dict[str, bytes]) -> None:
+    """huggingface_hub's cache layout: hub/models--ORG--NAME/snapshots/<commit>/FILE and refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = os.path.join(root, "hub", "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "snapshots", commit))
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+    for name, data in files.items():
+        with open(os.path.join(repo, "snapshots", commit, name), "wb") as f:
+            f.write(data)
+
+
+OFFLINE = """
+import sys, numpy as np, jax.numpy as jnp
+from res2net_jax import from_pretrained
+from res2net_jax.errors import MissingFileError
+x = np.load(sys.argv[1])
+for name in ("res2net50_14w_8s", "hf-hub:timm/res2net50_14w_8s.in1k"):
+    model, variables = from_pretrained(name)
+    np.save(sys.argv[2] + name.replace("/", "_").replace(":", "_") + ".npy", model.apply(variables, jnp.asarray(x)))
+try:
+    from_pretrained("res2net50d")
+except MissingFileError as err:
+    print("ERROR", err)
+"""
+
+
+def test_from_pretrained_reads_an_offline_hub_cache(tmp_path) -> None:
+    """HF_HUB_OFFLINE=1 and HF_HOME pointing at a cache that holds timm/res2net50_14w_8s.in1k: the
+    registry name and its hf-hub id both load it; a model not in the cache is one line naming the repo."""
+    reference, variables = timm_pair(NAME)
+    saved = tmp_path / "saved"
+    save_pretrained(saved, NAME, variables)
+    _hub_cache(str(tmp_path / "hf"), "timm/res2net50_14w_8s.in1k",
+               {name: (saved / name).read_bytes() for name in ("model.safetensors", "config.json")})  # fmt: skip
+    x = images_nchw(1, 64, 64)
+    np.save(tmp_path / "x.npy", nhwc(x))
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", OFFLINE, str(tmp_path / "x.npy"), str(tmp_path) + "/"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = _logits(reference, x)
+    for name in ("res2net50_14w_8s", "hf-hub_timm_res2net50_14w_8s.in1k"):
+        assert rel_error(np.load(tmp_path / f"{name}.npy"), expected) <= 1e-5
+    assert "ERROR timm/res2net50d.in1k/model.safetensors is not in the Hugging Face cache" in done.stdout
