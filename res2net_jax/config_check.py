@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from res2net_jax import steps
+from res2net_jax import pretrained, steps
 from res2net_jax.errors import InvalidInputError, MissingFileError
-from res2net_jax.registry import create_model
+from res2net_jax.registry import create_model, get_spec
 
 if TYPE_CHECKING:
     import ml_collections
@@ -133,8 +133,22 @@ def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     if config.reset_head and not config.init_weights:
         raise InvalidInputError("config.reset_head is set but no weights to fine-tune: pass --config.init_weights=PATH")
     paths = {"init_weights": config.init_weights}
+    published = not os.path.exists(os.path.expanduser(config.init_weights)) and pretrained.is_pretrained_id(
+        config.init_weights
+    )
+    if published:
+        if not config.init_weights.startswith(pretrained.HUB_PREFIX):
+            named = get_spec(config.init_weights)
+            if named.name != get_spec(config.model).name:
+                raise InvalidInputError(f"config.init_weights={config.init_weights!r} are {named.name}'s weights but "
+                                        f"config.model={config.model!r}: set --config.model={named.name}")  # fmt: skip
+            if named.hf_hub_id is None:
+                raise MissingFileError(f"config.init_weights={config.init_weights!r}: {named.name} has no published "
+                                       "weights; pass a weights file")  # fmt: skip
+        paths.pop("init_weights")
     if mode == "eval":
         paths["eval_weights"] = config.eval_weights
     for field, path in paths.items():
         if path and not os.path.exists(os.path.expanduser(path)):
-            raise MissingFileError(f"config.{field}={path!r} does not exist")
+            hint = " (nor a model name with published weights, or hf-hub:ORG/REPO)" if field == "init_weights" else ""
+            raise MissingFileError(f"config.{field}={path!r} does not exist{hint}")

@@ -23,7 +23,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from res2net_jax import convert, weight_files
 from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.outputs import atomic_output
-from res2net_jax.registry import create_model, get_spec
+from res2net_jax.registry import create_model, get_spec, list_models
 
 HUB_PREFIX = "hf-hub:"
 CONFIG_FILE = "config.json"
@@ -45,8 +45,9 @@ def _from_hub(repo_id: str, filename: str) -> str | None:
         return None
 
 
-def _source(name_or_path: str) -> tuple[str | None, str | None, str | None]:
-    """(weights path, config.json path or None, registry name or None) for a name, hub id or directory."""
+def locate(name_or_path: str) -> tuple[str | None, str | None, str | None]:
+    """(weights path, config.json path or None, registry name or None) for a registered name, an
+    `hf-hub:` id or a directory, downloading into huggingface_hub's cache if need be."""
     if os.path.isdir(name_or_path):
         config = os.path.join(name_or_path, CONFIG_FILE)
         for filename in WEIGHTS_FILES:
@@ -70,6 +71,12 @@ def _source(name_or_path: str) -> tuple[str | None, str | None, str | None]:
     raise MissingFileError(f"hub repo {repo_id} has no {' or '.join(WEIGHTS_FILES)}")
 
 
+def is_pretrained_id(value: str) -> bool:
+    """Whether `value` names published weights (a registered name or alias, or `hf-hub:ORG/REPO`)
+    rather than a path."""
+    return value.startswith(HUB_PREFIX) or value in list_models()
+
+
 def _read_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -88,7 +95,7 @@ def from_pretrained(
     head (fine-tuning), 0 none (pooled features). `model_kwargs` go to `create_model` (e.g.
     `features_only=True, out_indices=(2, 3, 4)`, `in_chans=1`).
     """
-    weights, config_path, name = _source(name_or_path)
+    weights, config_path, name = locate(name_or_path)
     config = _read_config(config_path)
     name = name or config.get("architecture")
     if name is None:

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from res2net_jax import config_check, input_pipeline, steps, weight_files
+from res2net_jax import config_check, input_pipeline, pretrained, steps, weight_files
 from res2net_jax import workdir as run_dir
 from res2net_jax.errors import InvalidInputError, MissingFileError, UserError
 from res2net_jax.registry import get_spec
@@ -178,8 +178,11 @@ def _initial_variables(config: ml_collections.ConfigDict, model: nn.Module, num_
     """config.init_weights (with a new head if reset_head), else a fresh initialisation."""
     init_rng, head_rng = jax.random.split(jax.random.key(config.seed))
     if config.init_weights:
+        path = config.init_weights
+        if not os.path.exists(os.path.expanduser(path)) and pretrained.is_pretrained_id(path):
+            path = pretrained.locate(path)[0]
         return weight_files.load_variables(
-            config.init_weights, config.model, num_classes, config.reset_head, head_rng, config.model_overrides
+            path, config.model, num_classes, config.reset_head, head_rng, config.model_overrides
         )
     image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     return jax.jit(model.init)(init_rng, image)

@@ -162,3 +162,17 @@ def noise_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     from launch import noise_images
 
     return noise_images(str(tmp_path_factory.mktemp("noise")))
+
+
+def hub_cache(root: str, repo_id: str, files: dict[str, bytes]) -> None:
+    """Files of hub repo `repo_id` in huggingface_hub's cache layout under HF_HOME=`root`
+    (hub/models--ORG--NAME/snapshots/<commit>/FILE and refs/main), as it reads them offline."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = os.path.join(root, "hub", "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "snapshots", commit))
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+    for name, data in files.items():
+        with open(os.path.join(repo, "snapshots", commit, name), "wb") as f:
+            f.write(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -218,6 +219,21 @@ def test_each_bad_config_value_is_named(field: str, value: object) -> None:
     config = importlib.import_module("configs.quickstart").get_config()
     config[field] = value
     with pytest.raises(errors.InvalidInputError, match=f"config.{field}=.* is not allowed: use "):
+        config_check.check(config)
+
+
+@pytest.mark.parametrize(
+    ("model", "weights", "message"),
+    [
+        ("res2net50", "res2net50d", "config.init_weights='res2net50d' are res2net50d's weights but config.model="),
+        ("res2net152", "res2net152", "res2net152 has no published weights; pass a weights file"),
+        ("res2net50", "no_such.pth", "config.init_weights='no_such.pth' does not exist (nor a model name with"),
+    ],
+)
+def test_init_weights_names_are_checked(model: str, weights: str, message: str) -> None:
+    config = importlib.import_module("configs.finetune_cifar10").get_config()
+    config.model, config.init_weights = model, weights
+    with pytest.raises(errors.UserError, match=re.escape(message)):
         config_check.check(config)
 
 

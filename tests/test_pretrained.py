@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import images_nchw, nhwc, rel_error, timm_pair
+from conftest import hub_cache, images_nchw, nhwc, rel_error, timm_pair
 from launch import ROOT
 
 from res2net_jax import create_model, from_pretrained, save_pretrained
@@ -58,19 +58,6 @@ def test_from_pretrained_reads_timm_save_for_hf(tmp_path) -> None:
         from_pretrained(str(tmp_path / "empty"))
 
 
-def _hub_cache(root: str, repo_id: str, files: dict[str, bytes]) -> None:
-    """huggingface_hub's cache layout: hub/models--ORG--NAME/snapshots/<commit>/FILE and refs/main."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = os.path.join(root, "hub", "models--" + repo_id.replace("/", "--"))
-    os.makedirs(os.path.join(repo, "snapshots", commit))
-    os.makedirs(os.path.join(repo, "refs"))
-    with open(os.path.join(repo, "refs", "main"), "w") as f:
-        f.write(commit)
-    for name, data in files.items():
-        with open(os.path.join(repo, "snapshots", commit, name), "wb") as f:
-            f.write(data)
-
-
 OFFLINE = """
 import sys, numpy as np, jax.numpy as jnp
 from res2net_jax import from_pretrained
@@ -92,7 +79,7 @@ def test_from_pretrained_reads_an_offline_hub_cache(tmp_path) -> None:
     reference, variables = timm_pair(NAME)
     saved = tmp_path / "saved"
     save_pretrained(saved, NAME, variables)
-    _hub_cache(str(tmp_path / "hf"), "timm/res2net50_14w_8s.in1k",
+    hub_cache(str(tmp_path / "hf"), "timm/res2net50_14w_8s.in1k",
                {name: (saved / name).read_bytes() for name in ("model.safetensors", "config.json")})  # fmt: skip
     x = images_nchw(1, 64, 64)
     np.save(tmp_path / "x.npy", nhwc(x))

@@ -11,9 +11,10 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import hub_cache
 from launch import ROOT, assert_one_line_error, command, env, metrics, popen, run
 
-from res2net_jax import convert, weight_files
+from res2net_jax import convert, save_pretrained, weight_files
 
 SHORT = "--config.num_train_steps=3"
 
@@ -232,4 +233,20 @@ def test_fine_tuning_starts_from_given_weights_with_a_new_head(reference_run: st
     assert tuned["fc"]["kernel"].shape == (2048, 4)
     np.testing.assert_array_equal(
         tuned["layer1_0"]["conv1"]["kernel"], ten_classes["params"]["layer1_0"]["conv1"]["kernel"]
+    )
+    # The same weights as a hub repo, read offline from huggingface_hub's cache: init_weights=hf-hub:...
+    save_pretrained(tmp_path / "saved", "res2net50", ten_classes, overrides=overrides)
+    files = {name: (tmp_path / "saved" / name).read_bytes() for name in ("model.safetensors", "config.json")}
+    hub_cache(str(tmp_path / "hf"), "someone/digits10", files)
+    hub = dict(env(1), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    from_hub = str(tmp_path / "from_hub")
+    done = subprocess.run(
+        [*command(from_hub, noise_folder, "--config.init_weights=hf-hub:someone/digits10", "--config.reset_head=True",
+                  "--config.num_train_steps=1", "--config.learning_rate=0", "--config.weight_decay=0",
+                  "--config.ema_decay=0"), "--mode=train"],
+        cwd=ROOT, env=hub, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_array_equal(
+        _params(from_hub)["layer1_0"]["conv1"]["kernel"], tuned["layer1_0"]["conv1"]["kernel"]
     )
