@@ -56,17 +56,26 @@ def load_weights(
 ) -> tuple[str, dict[str, Any], Any, list[str] | None]:
     """(model name, architecture overrides, Flax variables, class names or None) for a --weights path.
 
-    A training run (WORKDIR, WORKDIR/best, ...) names its own model, overrides and class names, so
-    --model may be left out; any other weights need --model.
+    A training run (WORKDIR, WORKDIR/best, ...) names its own model, overrides and class names, and so
+    do published weights (a registered name or hf-hub:ORG/REPO) and directories in timm's format
+    (`save_pretrained`): --model may be left out; any other weights need --model.
     """
-    from res2net_jax import convert, weight_files, workdir
+    from res2net_jax import convert, pretrained, weight_files, workdir
     from res2net_jax.errors import InvalidInputError
     from res2net_jax.registry import get_spec
 
     source = workdir.locate(weights)
     overrides: dict[str, Any] = {}
     names = None
-    if source is not None:
+    published = not os.path.exists(weights) and pretrained.is_pretrained_id(weights)
+    if published or pretrained.is_pretrained_dir(weights):
+        weights, config_path, name = pretrained.locate(weights)
+        config = pretrained.read_config(config_path)
+        model = model or name or config.get("architecture")
+        names = config.get("label_names")
+        if model is None:
+            raise InvalidInputError(f"{weights} does not say which model it holds: name it with --model")
+    elif source is not None:
         run = workdir.describe(source)
         if model is not None and get_spec(model).name != run.model:  # runs record the canonical name
             raise InvalidInputError(f"{weights} holds a {run.model}, not a {model}: leave out --model")

@@ -47,11 +47,27 @@ def preprocess(
         size = (short, int(short * width / height))
     else:
         size = (int(short * height / width), short)
-    x = jax.image.resize(images.astype(jnp.float32), (n, *size, 3), "bilinear", antialias=True)
+    x = images.astype(jnp.float32)
+    if size != (height, width):  # images cropped beforehand (`center_crop`, crop_pct 1) are not resampled
+        x = jax.image.resize(x, (n, *size, 3), "bilinear", antialias=True)
     top = int(round((size[0] - input_size) / 2))
     left = int(round((size[1] - input_size) / 2))
     x = x[:, top : top + input_size, left : left + input_size, :] / 255.0
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def center_crop(image: np.ndarray, input_size: int = 224, crop_pct: float = 0.875) -> np.ndarray:
+    """`preprocess`'s resize and centre crop of one uint8 image (H, W, 3) on the host, with PIL as timm's
+    evaluation transform does it: batches of any image sizes then share one shape (and one compiled
+    function: pass them with crop_pct=1)."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    short = int(input_size / crop_pct)
+    size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+    resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+    top, left = int(round((size[0] - input_size) / 2)), int(round((size[1] - input_size) / 2))
+    return resized[top : top + input_size, left : left + input_size]
 
 
 def make_predict_fn(

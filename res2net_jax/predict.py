@@ -1,14 +1,19 @@
-"""Top-k ImageNet classes of image files.
+"""Top-k classes of image files.
 
-    python -m res2net_jax.predict --model=res2net50_26w_4s --weights=model.safetensors cat.jpg dog.png
-    python -m res2net_jax.predict --weights=runs/quickstart/best digit.png   # a run names its model and classes
+    python -m res2net_jax.predict --weights=res2net50d cat.jpg dog.png      # timm's published weights
+    python -m res2net_jax.predict --model=res2net50_26w_4s --weights=model.safetensors cat.jpg
+    python -m res2net_jax.predict --weights=runs/quickstart/best --format=csv digits/*.png
 
-Each unreadable or refused image (beyond `inference.MAX_PIXELS` or `MAX_ASPECT`) is reported by name
-and skipped; the exit status is then 1.
+A run, published weights and save_pretrained directories name their model and classes. Images are
+resized and centre-cropped on the host (PIL, as timm's evaluation transform) and classified in
+batches of --batch_size, so the model compiles once whatever the image sizes. Each unreadable or
+refused image (beyond `inference.MAX_PIXELS` or `MAX_ASPECT`) is reported by name and skipped; the
+exit status is then 1.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -23,7 +28,7 @@ from absl import flags, logging  # noqa: E402
 from res2net_jax import workdir  # noqa: E402
 from res2net_jax.convert import num_classes_of  # noqa: E402
 from res2net_jax.errors import InvalidInputError  # noqa: E402
-from res2net_jax.inference import imagenet_classes, load_image, make_predict_fn  # noqa: E402
+from res2net_jax.inference import center_crop, imagenet_classes, load_image, make_predict_fn  # noqa: E402
 from res2net_jax.registry import create_model, get_spec  # noqa: E402
 
 _MODEL = flags.DEFINE_string(
@@ -32,12 +37,15 @@ _MODEL = flags.DEFINE_string(
 _WEIGHTS = flags.DEFINE_string(
     "weights",
     None,
-    "A training workdir (WORKDIR, WORKDIR/best, or a step of either), a .pth/.bin/.safetensors/.ckpt "
-    "file or an Orbax directory.",
+    "A training workdir (WORKDIR, WORKDIR/best, or a step of either), a registered name (timm's published "
+    "weights), hf-hub:ORG/REPO, a save_pretrained directory, a .pth/.bin/.safetensors/.ckpt file or an Orbax "
+    "directory.",
     required=True,
 )
 _EMA = flags.DEFINE_bool("ema", False, "Use a training workdir's EMA of the weights.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per compiled batch (the last one is padded).")
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json", "csv"], "Output: readable text, JSON or CSV.")
 
 
 def _input_transform(weights: str, model_name: str) -> tuple[int, float]:
@@ -61,25 +69,57 @@ def main(argv: list[str]) -> None:
     name, overrides, variables, names = cli.load_weights(_WEIGHTS.value, _MODEL.value, ema=_EMA.value)
     model = create_model(name, num_classes=num_classes_of(variables), **overrides)
     input_size, crop_pct = _input_transform(_WEIGHTS.value, name)
-    predict = make_predict_fn(model, variables, min(_TOP_K.value, model.num_classes), input_size, crop_pct)
+    # Crops come from the host at input_size: the compiled function does not resample them.
+    predict = make_predict_fn(model, variables, min(_TOP_K.value, model.num_classes), input_size, crop_pct=1.0)
     if names is None and model.num_classes == len(imagenet_classes()):
         names = imagenet_classes()
-    failed = []
+    batch_size = max(1, min(_BATCH_SIZE.value, len(paths)))
+    failed, kept, results, crops = [], [], [], []
+
+    def classify() -> None:  # the crops so far, padded to one batch shape
+        batch = np.stack(crops + [np.zeros_like(crops[0])] * (batch_size - len(crops)))
+        result = predict(batch)
+        for probs, classes in zip(np.asarray(result.top_probs), np.asarray(result.top_classes), strict=True):
+            results.append(
+                [(int(c), names[c] if names else None, float(p)) for p, c in zip(probs, classes, strict=True)]
+            )
+        del results[len(kept) :]  # the padding's
+        crops.clear()
+
     for path in paths:
         try:
-            image = load_image(path)
+            crops.append(center_crop(load_image(path), input_size, crop_pct))
+            kept.append(path)
         except InvalidInputError as err:  # unreadable, or beyond the size limits
             print(cli.one_line(err), file=sys.stderr)
             failed.append(path)
-            continue
-        result = predict(image[None])
-        print(path)
-        for prob, index in zip(np.asarray(result.top_probs[0]), np.asarray(result.top_classes[0]), strict=True):
-            label = names[index] if names else f"class {index}"
-            print(f"  {prob:7.2%}  {index:4d}  {label}")
+        if len(crops) == batch_size:
+            classify()
+    if crops:
+        classify()
+    _write(kept, results)
     if failed:
         print(f"{len(failed)} of {len(paths)} images could not be classified: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _write(paths: list[str], results: list[list[tuple[int, str | None, float]]]) -> None:
+    """Each image's top classes (index, name, probability) on stdout in --format."""
+    if _FORMAT.value == "json":
+        top = [[{"class": c, "label": label, "prob": p} for c, label, p in rows] for rows in results]
+        json.dump([{"path": path, "top": t} for path, t in zip(paths, top, strict=True)], sys.stdout, indent=1)
+        print()
+    elif _FORMAT.value == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["path", "rank", "class", "label", "prob"])
+        for path, rows in zip(paths, results, strict=True):
+            for rank, (c, label, p) in enumerate(rows, 1):
+                writer.writerow([path, rank, c, label if label is not None else "", f"{p:.6f}"])
+    else:
+        for path, rows in zip(paths, results, strict=True):
+            print(path)
+            for c, label, p in rows:
+                print(f"  {p:7.2%}  {c:4d}  {label if label is not None else f'class {c}'}")
 
 
 if __name__ == "__main__":

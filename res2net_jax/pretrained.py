@@ -77,7 +77,13 @@ def is_pretrained_id(value: str) -> bool:
     return value.startswith(HUB_PREFIX) or value in list_models()
 
 
-def _read_config(path: str | None) -> dict[str, Any]:
+def is_pretrained_dir(path: str) -> bool:
+    """Whether `path` is a directory of weights in timm's format (what `save_pretrained` writes)."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in WEIGHTS_FILES)
+
+
+def read_config(path: str | None) -> dict[str, Any]:
+    """A timm config.json's contents ({} for None)."""
     if path is None:
         return {}
     with open(path) as f:
@@ -96,7 +102,7 @@ def from_pretrained(
     `features_only=True, out_indices=(2, 3, 4)`, `in_chans=1`).
     """
     weights, config_path, name = locate(name_or_path)
-    config = _read_config(config_path)
+    config = read_config(config_path)
     name = name or config.get("architecture")
     if name is None:
         raise InvalidInputError(f"{name_or_path} does not say which model it holds: its {CONFIG_FILE} has no "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import subprocess
 import sys
@@ -11,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from conftest import timm_pair
 from PIL import Image
 
 from res2net_jax import create_model, make_predict_fn, preprocess, weight_files
-from res2net_jax.inference import imagenet_classes
+from res2net_jax.inference import center_crop, imagenet_classes
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -108,8 +112,35 @@ def test_predict_command(tmp_path, tmp_weights: dict) -> None:
         assert len(rows) == 5
         assert all(row.split(maxsplit=2)[2] in names for row in rows)
 
-    # The command's top class for the RGB image is the one the library computes.
+    # The command's top class for the RGB image is the one the library computes from the host's crop.
     variables = weight_files.load_variables(tmp_weights["safetensors"], "res2net50")
-    predict = make_predict_fn(create_model("res2net50"), variables)
-    top = int(predict(rgb[None]).top_classes[0, 0])
+    predict = make_predict_fn(create_model("res2net50"), variables, crop_pct=1.0)
+    top = int(predict(center_crop(rgb)[None]).top_classes[0, 0])
     assert blocks[0].splitlines()[1].split()[1] == str(top)
+
+    # Batches of 2 (the last padded), as JSON and as CSV: the same classes as one at a time.
+    readable = [p for p in paths if not p.endswith(("missing.png", "corrupt.jpg"))]
+    command = [sys.executable, "-m", "res2net_jax.predict", "--model=res2net50", "--batch_size=2",
+               f"--weights={tmp_weights['safetensors']}", *readable]  # fmt: skip
+    as_json = subprocess.run([*command, "--format=json"], capture_output=True, text=True, timeout=300)
+    assert as_json.returncode == 0, as_json.stderr[-2000:]
+    rows = json.loads(as_json.stdout)
+    assert [r["path"] for r in rows] == readable
+    for row, block in zip(rows, blocks, strict=True):
+        assert [t["class"] for t in row["top"]] == [int(line.split()[1]) for line in block.strip().splitlines()[1:]]
+    as_csv = subprocess.run([*command, "--format=csv", "--top_k=2"], capture_output=True, text=True, timeout=300)
+    table = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert table[0] == ["path", "rank", "class", "label", "prob"] and len(table) == 1 + 2 * len(readable)
+    assert [int(r[2]) for r in table[1:3]] == [t["class"] for t in rows[0]["top"][:2]]
+
+
+def test_center_crop_is_timm_eval_transform() -> None:
+    """The host crop predict uses: timm's create_transform(224, crop_pct=0.875) up to ToTensor, exactly."""
+    from timm.data import create_transform
+
+    transform = create_transform(224, is_training=False, crop_pct=0.875)
+    before_normalize = torchvision.transforms.Compose(transform.transforms[:-1])
+    for shape in [(300, 451, 3), (500, 333, 3), (224, 224, 3)]:
+        image = (np.random.RandomState(shape[0]).rand(*shape) * 255).astype(np.uint8)
+        expected = before_normalize(Image.fromarray(image)).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(center_crop(image) / np.float32(255), expected)

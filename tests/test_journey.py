@@ -93,7 +93,8 @@ def test_predict_and_eval_read_the_run(trained: str, noise_folder: str, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     variables = weight_files.load_variables(f"{trained}/best", MODEL, overrides=OVERRIDES, ema=True)
     model = create_model(MODEL, num_classes=4, **OVERRIDES)
-    result = inference.make_predict_fn(model, variables, 4, SIZE, 1.0)(inference.load_image(image)[None])
+    crop = inference.center_crop(inference.load_image(image), SIZE, 1.0)  # the host crop predict makes
+    result = inference.make_predict_fn(model, variables, 4, SIZE, 1.0)(crop[None])
     top = int(result.top_classes[0, 0])
     assert f"{float(result.top_probs[0, 0]):7.2%}  {top:4d}  class{top}" in done.stdout  # names from classes.txt
     done = run(trained, noise_folder, "--config.num_train_steps=6", mode="eval", devices=1)

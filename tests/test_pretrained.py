@@ -15,6 +15,7 @@ import timm
 import torch
 from conftest import hub_cache, images_nchw, nhwc, rel_error, timm_pair
 from launch import ROOT
+from PIL import Image
 
 from res2net_jax import create_model, from_pretrained, save_pretrained
 from res2net_jax.errors import MissingFileError, OutputExistsError
@@ -39,6 +40,12 @@ def test_save_pretrained_is_read_by_timm_local_dir(tmp_path) -> None:
     assert rel_error(ours, _logits(loaded, x)) <= 1e-5
     with pytest.raises(OutputExistsError):
         save_pretrained(directory, NAME, variables)
+    # predict reads the directory's model and class names: no --model.
+    Image.fromarray((np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    done = subprocess.run([sys.executable, "-m", "res2net_jax.predict", f"--weights={directory}", "--format=json",
+                           str(tmp_path / "a.png")], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {t["label"] for t in json.loads(done.stdout)[0]["top"]} == {"zero", "one", "two"}
 
 
 def test_from_pretrained_reads_timm_save_for_hf(tmp_path) -> None:
