@@ -38,14 +38,14 @@ def _from_hub(repo_id: str, filename: str) -> str | None:
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: first
         raise MissingFileError(
             f"{repo_id}/{filename} is not in the Hugging Face cache and the hub cannot be reached (offline?): "
-            f"run `huggingface-cli download {repo_id} {filename}` where there is network and copy the cache "
+            f"run `hf download {repo_id} {filename}` (huggingface_hub's CLI) where there is network and copy the cache "
             "(HF_HOME), or pass a local directory"
         ) from None
     except EntryNotFoundError:
         return None
 
 
-def locate(name_or_path: str) -> tuple[str | None, str | None, str | None]:
+def locate(name_or_path: str) -> tuple[str, str | None, str | None]:
     """(weights path, config.json path or None, registry name or None) for a registered name, an
     `hf-hub:` id or a directory, downloading into huggingface_hub's cache if need be."""
     if os.path.isdir(name_or_path):
