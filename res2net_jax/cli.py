@@ -67,12 +67,9 @@ def load_weights(
     source = workdir.locate(weights)
     overrides: dict[str, Any] = {}
     names = None
-    published = not os.path.exists(weights) and pretrained.is_pretrained_id(weights)
-    if published or pretrained.is_pretrained_dir(weights):
-        weights, config_path, name = pretrained.locate(weights)
-        config = pretrained.read_config(config_path)
-        model = model or name or config.get("architecture")
-        names = config.get("label_names")
+    if pretrained.is_pretrained_id(weights) or pretrained.is_pretrained_dir(weights):
+        weights, name, names = pretrained.resolve(weights)
+        model = model or name
         if model is None:
             raise InvalidInputError(f"{weights} does not say which model it holds: name it with --model")
     elif source is not None:

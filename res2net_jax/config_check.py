@@ -133,10 +133,7 @@ def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     if config.reset_head and not config.init_weights:
         raise InvalidInputError("config.reset_head is set but no weights to fine-tune: pass --config.init_weights=PATH")
     paths = {"init_weights": config.init_weights}
-    published = not os.path.exists(os.path.expanduser(config.init_weights)) and pretrained.is_pretrained_id(
-        config.init_weights
-    )
-    if published:
+    if pretrained.is_pretrained_id(config.init_weights):
         if not config.init_weights.startswith(pretrained.HUB_PREFIX):
             named = get_spec(config.init_weights)
             if named.name != get_spec(config.model).name:

@@ -45,7 +45,7 @@ def _from_hub(repo_id: str, filename: str) -> str | None:
         return None
 
 
-def locate(name_or_path: str) -> tuple[str, str | None, str | None]:
+def _files(name_or_path: str) -> tuple[str, str | None, str | None]:
     """(weights path, config.json path or None, registry name or None) for a registered name, an
     `hf-hub:` id or a directory, downloading into huggingface_hub's cache if need be."""
     if os.path.isdir(name_or_path):
@@ -71,23 +71,28 @@ def locate(name_or_path: str) -> tuple[str, str | None, str | None]:
     raise MissingFileError(f"hub repo {repo_id} has no {' or '.join(WEIGHTS_FILES)}")
 
 
+def resolve(name_or_path: str) -> tuple[str, str | None, list[str] | None]:
+    """(weights file, model name or None, class names or None) of a registered name, an `hf-hub:` id or
+    a directory in timm's format: the model and classes its config.json names (a registered name's
+    own). Downloads into huggingface_hub's cache if need be."""
+    weights, config_path, name = _files(name_or_path)
+    config = {}
+    if config_path is not None:
+        with open(config_path) as f:
+            config = json.load(f)
+    return weights, name or config.get("architecture"), config.get("label_names")
+
+
 def is_pretrained_id(value: str) -> bool:
-    """Whether `value` names published weights (a registered name or alias, or `hf-hub:ORG/REPO`)
-    rather than a path."""
-    return value.startswith(HUB_PREFIX) or value in list_models()
+    """Whether `value` names published weights (a registered name or alias, or `hf-hub:ORG/REPO`) and is
+    not an existing path."""
+    published = value.startswith(HUB_PREFIX) or value in list_models()
+    return published and not os.path.exists(os.path.expanduser(value))
 
 
 def is_pretrained_dir(path: str) -> bool:
     """Whether `path` is a directory of weights in timm's format (what `save_pretrained` writes)."""
     return any(os.path.isfile(os.path.join(path, name)) for name in WEIGHTS_FILES)
-
-
-def read_config(path: str | None) -> dict[str, Any]:
-    """A timm config.json's contents ({} for None)."""
-    if path is None:
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def from_pretrained(
@@ -101,9 +106,7 @@ def from_pretrained(
     head (fine-tuning), 0 none (pooled features). `model_kwargs` go to `create_model` (e.g.
     `features_only=True, out_indices=(2, 3, 4)`, `in_chans=1`).
     """
-    weights, config_path, name = locate(name_or_path)
-    config = read_config(config_path)
-    name = name or config.get("architecture")
+    weights, name, _ = resolve(name_or_path)
     if name is None:
         raise InvalidInputError(f"{name_or_path} does not say which model it holds: its {CONFIG_FILE} has no "
                                 "'architecture'")  # fmt: skip

@@ -179,8 +179,8 @@ def _initial_variables(config: ml_collections.ConfigDict, model: nn.Module, num_
     init_rng, head_rng = jax.random.split(jax.random.key(config.seed))
     if config.init_weights:
         path = config.init_weights
-        if not os.path.exists(os.path.expanduser(path)) and pretrained.is_pretrained_id(path):
-            path = pretrained.locate(path)[0]
+        if pretrained.is_pretrained_id(path):
+            path = pretrained.resolve(path)[0]
         return weight_files.load_variables(
             path, config.model, num_classes, config.reset_head, head_rng, config.model_overrides
         )
