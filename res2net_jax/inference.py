@@ -27,6 +27,14 @@ class Prediction(NamedTuple):
     top_classes: jax.Array
 
 
+def _resize_and_crop(height: int, width: int, input_size: int, crop_pct: float) -> tuple[tuple[int, int], int, int]:
+    """The evaluation transform's geometry: the resized (height, width) whose shorter side is
+    input_size / crop_pct, and the centre crop's top and left (rounded half to even, as torchvision)."""
+    short = int(input_size / crop_pct)
+    size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+    return size, int(round((size[0] - input_size) / 2)), int(round((size[1] - input_size) / 2))
+
+
 def preprocess(
     images: jax.Array,
     input_size: int = 224,
@@ -42,16 +50,10 @@ def preprocess(
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != jnp.uint8:
         raise ValueError(f"expected a uint8 batch of RGB images (N, H, W, 3), got {images.dtype}{images.shape}")
     n, height, width, _ = images.shape
-    short = int(input_size / crop_pct)
-    if height <= width:
-        size = (short, int(short * width / height))
-    else:
-        size = (int(short * height / width), short)
+    size, top, left = _resize_and_crop(height, width, input_size, crop_pct)
     x = images.astype(jnp.float32)
     if size != (height, width):  # images cropped beforehand (`center_crop`, crop_pct 1) are not resampled
         x = jax.image.resize(x, (n, *size, 3), "bilinear", antialias=True)
-    top = int(round((size[0] - input_size) / 2))
-    left = int(round((size[1] - input_size) / 2))
     x = x[:, top : top + input_size, left : left + input_size, :] / 255.0
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
@@ -62,11 +64,8 @@ def center_crop(image: np.ndarray, input_size: int = 224, crop_pct: float = 0.87
     function: pass them with crop_pct=1)."""
     from PIL import Image
 
-    height, width = image.shape[:2]
-    short = int(input_size / crop_pct)
-    size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+    size, top, left = _resize_and_crop(*image.shape[:2], input_size, crop_pct)
     resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-    top, left = int(round((size[0] - input_size) / 2)), int(round((size[1] - input_size) / 2))
     return resized[top : top + input_size, left : left + input_size]
 
 

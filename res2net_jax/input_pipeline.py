@@ -254,30 +254,32 @@ def preprocess_eval(image_bytes: tf.Tensor, config: ml_collections.ConfigDict) -
     """Resize the shorter side to image_size / crop_pct (bilinear), center-crop image_size, as uint8;
     the eval step normalises. Only the crop's pixels are resampled, and a JPEG decodes only the
     source pixels they read (the crop's preimage and the filter's reach around it)."""
-    is_jpeg = tf.io.is_jpeg(image_bytes)
-    shape = tf.cond(
-        is_jpeg, lambda: tf.io.extract_jpeg_shape(image_bytes)[:2], lambda: tf.shape(_decode(image_bytes))[:2]
-    )
-    source = tf.cast(shape, tf.float32)
-    short = float(int(config.image_size / config.crop_pct))
-    size = tf.cast(tf.floor(source * short / tf.reduce_min(source)), tf.int32)
-    size = tf.maximum(size, config.image_size)
-    # Round half to even, as torchvision's CenterCrop does.
-    offset = tf.round(tf.cast(size - config.image_size, tf.float32) / 2)
-    scale = tf.cast(size, tf.float32) / source
-    reach = tf.math.ceil(1 / tf.minimum(scale, 1.0)) + 1  # the triangle filter's radius in source pixels, and one
-    begin = tf.cast(tf.maximum(tf.floor(offset / scale) - reach, 0), tf.int32)
-    end = tf.minimum(tf.cast(tf.math.ceil((offset + config.image_size) / scale) + reach, tf.int32), shape)
+    output = [config.image_size, config.image_size]
 
-    def jpeg() -> tuple[tf.Tensor, tf.Tensor]:
+    def geometry(shape: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The resize's scale and the centre crop's offset in the resized image, for a source `shape`."""
+        source = tf.cast(shape, tf.float32)
+        short = float(int(config.image_size / config.crop_pct))
+        size = tf.maximum(tf.cast(tf.floor(source * short / tf.reduce_min(source)), tf.int32), config.image_size)
+        offset = tf.round(tf.cast(size - config.image_size, tf.float32) / 2)  # half to even, as CenterCrop
+        return tf.cast(size, tf.float32) / source, offset
+
+    def jpeg() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        shape = tf.io.extract_jpeg_shape(image_bytes)[:2]
+        scale, offset = geometry(shape)
+        reach = tf.math.ceil(1 / tf.minimum(scale, 1.0)) + 1  # the triangle filter's radius in source pixels, and one
+        begin = tf.cast(tf.maximum(tf.floor(offset / scale) - reach, 0), tf.int32)
+        end = tf.minimum(tf.cast(tf.math.ceil((offset + config.image_size) / scale) + reach, tf.int32), shape)
         window = tf.io.decode_and_crop_jpeg(image_bytes, tf.concat([begin, end - begin], 0), channels=3)
-        return window, tf.cast(begin, tf.float32) * scale - offset
+        return window, scale, tf.cast(begin, tf.float32) * scale - offset
 
-    def other() -> tuple[tf.Tensor, tf.Tensor]:
-        return _decode(image_bytes), -offset
+    def other() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        image = _decode(image_bytes)
+        scale, offset = geometry(tf.shape(image)[:2])
+        return image, scale, -offset
 
-    pixels, translation = tf.cond(is_jpeg, jpeg, other)
-    return _to_uint8(_resample(pixels, scale, [config.image_size, config.image_size], translation))
+    pixels, scale, translation = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+    return _to_uint8(_resample(pixels, scale, output, translation))
 
 
 # --- Datasets ---------------------------------------------------------------------------------
