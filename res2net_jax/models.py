@@ -124,7 +124,29 @@ def _feature_dicts(all_features: list[dict[str, Any]], out_indices: Sequence[int
     return [all_features[known.index(i)] for i in out_indices]
 
 
-class Res2Net(nn.Module):
+class _Backbone(nn.Module):
+    """What Res2Net and DLA share as timm-style backbones. Each network provides the fields
+    `out_indices` and `features_only`, `_all_features()` (timm's feature_info dicts of every map, the
+    last the classifier's input), `_maps(x, train, out_indices)` and `head(last_map)`."""
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """Channels, stride, timm module name and index of each map `features` returns."""
+        return _feature_dicts(self._all_features(), self.out_indices, type(self).__name__)
+
+    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        """The maps of `out_indices` (timm's indexing), for backbone use."""
+        return self._maps(x, train, self.out_indices)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+        """Logits (float32) for NHWC images normalised with the ImageNet mean and std; the feature maps
+        of `out_indices` if `features_only`."""
+        if self.features_only:
+            return self.features(x, train)
+        return self.head(self._maps(x, train, (self._all_features()[-1]["index"],))[0])
+
+
+class Res2Net(_Backbone):
     """Res2Net / Res2NeXt on the ResNet layout.
 
     v1: 7x7/2 stem and 1x1 strided-conv shortcuts. v1b ("d"): `deep_stem` (three 3x3 convs, 32-32-64)
@@ -209,16 +231,8 @@ class Res2Net(nn.Module):
             for i, planes in enumerate((64, 128, 256, 512))
         ]  # fmt: skip
 
-    @property
-    def feature_info(self) -> list[dict[str, Any]]:
-        """Channels, stride, timm module name and index of each map `features` returns."""
-        return _feature_dicts(self._all_features(), self.out_indices, type(self).__name__)
-
-    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-        """The maps of `out_indices` (timm's indexing: 0 the stem, 1-4 the stages), for backbone use."""
-        return self._maps(x, train, self.out_indices)
-
     def _maps(self, x: jax.Array, train: bool, out_indices: Sequence[int]) -> tuple[jax.Array, ...]:
+        """The stem's map (index 0) and each stage's (1-4), those of `out_indices`."""
         _check_images(x, self.in_chans)
         x = x.astype(self.dtype)
         if self.deep_stem:
@@ -242,13 +256,6 @@ class Res2Net(nn.Module):
         acc = accumulation_dtype(self.dtype)
         x = jnp.mean(x.astype(acc), axis=(1, 2))
         return self.fc(x.astype(self.dtype)).astype(acc) if self.num_classes else x
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, ...]:
-        """Logits (float32) for NHWC images normalised with the ImageNet mean and std; the feature maps
-        of `out_indices` if `features_only`."""
-        if self.features_only:
-            return self.features(x, train)
-        return self.head(self._maps(x, train, (4,))[0])
 
 
 class DlaRoot(nn.Module):
@@ -316,7 +323,7 @@ class DlaTree(nn.Module):
         )
 
 
-class DLA(nn.Module):
+class DLA(_Backbone):
     """DLA-60 with Res2Net / Res2NeXt bottlenecks.
 
     The reference adds a 2x2 max-pooled input to a padded stride-2 conv output, so height and width
@@ -385,16 +392,8 @@ class DLA(nn.Module):
             {"num_chs": c, "reduction": 2**i, "module": f"level{i}", "index": i} for i, c in enumerate(self.channels)
         ]
 
-    @property
-    def feature_info(self) -> list[dict[str, Any]]:
-        """Channels, stride, timm module name and index of each map `features` returns."""
-        return _feature_dicts(self._all_features(), self.out_indices, type(self).__name__)
-
-    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-        """The maps of `out_indices` (level i at stride 2**i), for backbone use."""
-        return self._maps(x, train, self.out_indices)
-
     def _maps(self, x: jax.Array, train: bool, out_indices: Sequence[int]) -> tuple[jax.Array, ...]:
+        """The maps of levels 0-5 (level i at stride 2**i), those of `out_indices`."""
         _check_images(x, self.in_chans, multiple=32)
         x = x.astype(self.dtype)
         x = self._run_conv_level(self.base_layer, x, train)
@@ -412,10 +411,3 @@ class DLA(nn.Module):
         if not self.num_classes:
             return x[:, 0, 0]
         return jnp.squeeze(self.fc(x.astype(self.dtype)), axis=(1, 2)).astype(acc)
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, ...]:
-        """Logits (float32) for NHWC images normalised with the ImageNet mean and std; the feature maps
-        of `out_indices` if `features_only`."""
-        if self.features_only:
-            return self.features(x, train)
-        return self.head(self._maps(x, train, (5,))[0])
