@@ -77,13 +77,13 @@ def main(argv: list[str]) -> None:
     failed, kept, results, crops = [], [], [], []
 
     def classify() -> None:  # the crops so far, padded to one batch shape
-        batch = np.stack(crops + [np.zeros_like(crops[0])] * (batch_size - len(crops)))
-        result = predict(batch)
-        for probs, classes in zip(np.asarray(result.top_probs), np.asarray(result.top_classes), strict=True):
+        count = len(crops)
+        result = predict(np.stack(crops + [np.zeros_like(crops[0])] * (batch_size - count)))
+        for probs, classes in zip(np.asarray(result.top_probs[:count]), np.asarray(result.top_classes[:count]),
+                                  strict=True):  # fmt: skip
             results.append(
                 [(int(c), names[c] if names else None, float(p)) for p, c in zip(probs, classes, strict=True)]
             )
-        del results[len(kept) :]  # the padding's
         crops.clear()
 
     for path in paths:
