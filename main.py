@@ -11,6 +11,7 @@ import sys
 from res2net_jax import cli
 
 cli.quiet_startup()  # before anything imports TensorFlow
+cli.require_training_modules()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

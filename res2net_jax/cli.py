@@ -13,6 +13,7 @@ input pipeline does not run, so they are turned off; TensorFlow's warnings and e
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +26,21 @@ def quiet_startup() -> None:
     """Hide TensorFlow's informational start-up lines, unless the user set these variables."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+# main.py's packages beyond the core, by module name: the `train` extra and TensorFlow.
+TRAINING_MODULES = ("tensorflow", "tensorflow_datasets", "ml_collections", "sklearn")
+
+
+def require_training_modules() -> None:
+    """Exits with one line naming the install command if a package main.py needs is missing."""
+    missing = [name for name in TRAINING_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(
+            f"error: main.py needs {', '.join(missing)}, which the core install leaves out: "
+            "pip install -r requirements.txt (where TensorFlow is already installed, as on Colab: "
+            "pip install 'res2net_jax[train]')"
+        )
 
 
 def one_line(message: object) -> str:

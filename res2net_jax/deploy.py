@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from res2net_jax.errors import MissingDependencyError
 from res2net_jax.outputs import atomic_output, new_output_path
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -61,7 +62,13 @@ def export_savedmodel(
 ) -> None:
     """Writes the inference function as a TF SavedModel whose `serving_default` signature maps
     `images` (batch, image_size, image_size, 3) float32 to `logits`."""
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        raise MissingDependencyError(
+            "SavedModel export needs TensorFlow, which is not installed: pip install tensorflow-cpu "
+            "(tensorflow on macOS or ARM)"
+        ) from err
     from jax.experimental import jax2tf
 
     from res2net_jax.input_pipeline import hide_tf_from_accelerators

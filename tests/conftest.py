@@ -39,6 +39,7 @@ SLOWEST_FIRST = (
     "test_failures.py",
     "test_mindspore.py",
     "test_notebooks.py",
+    "test_install.py",
 )
 
 
