@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -32,3 +35,33 @@ def test_notebook_runs_and_is_committed_clean(name: str, tmp_path, monkeypatch: 
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": folder}}).execute()
     errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
     assert not errors
+
+
+def test_repository_links_derive_from_pyproject(tmp_path) -> None:
+    """The committed notebooks and README carry pyproject.toml's repository URL (rewriting changes
+    nothing), and set_repository.py puts a new URL in every clone cell and Colab link, and refuses
+    one Colab cannot open without writing anything."""
+    shutil.copytree(os.path.join(ROOT, "notebooks"), tmp_path / "notebooks", ignore=shutil.ignore_patterns(".*"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    script = str(tmp_path / "notebooks" / "set_repository.py")
+
+    def files() -> dict[str, str]:
+        paths = ["pyproject.toml", "README.md", *(f"notebooks/{name}" for name in NOTEBOOKS)]
+        return {path: (tmp_path / path).read_text() for path in paths}
+
+    committed = files()
+    subprocess.run([sys.executable, script], check=True, timeout=60)
+    assert files() == committed
+    refused = subprocess.run([sys.executable, script, "https://gitlab.com/org/r2n"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "not https://github.com/OWNER/REPO" in refused.stderr and files() == committed
+    subprocess.run([sys.executable, script, "https://github.com/org/r2n"], check=True, timeout=60)
+    changed = files()
+    assert 'Repository = "https://github.com/org/r2n"' in changed["pyproject.toml"]
+    for name in NOTEBOOKS:
+        colab = f"https://colab.research.google.com/github/org/r2n/blob/main/notebooks/{name}"
+        cells = nbformat.reads(changed[f"notebooks/{name}"], as_version=4).cells
+        assert cells[0].source.startswith("[![Open in Colab]") and f"]({colab})\n" in cells[0].source
+        assert 'REPOSITORY = "https://github.com/org/r2n"' in cells[1].source
+        assert f"[open in Colab]({colab})" in changed["README.md"]
+    assert "github.com/OWNER" not in changed["README.md"] + "".join(changed[f"notebooks/{name}"] for name in NOTEBOOKS)
