@@ -56,8 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.ema_decay = 0.0  # > 0 keeps (and evaluates) an exponential moving average of the weights
     # Parameters left untouched by the optimiser: a regular expression searched in each parameter's
     # path, e.g. "^(conv1|bn1|layer1_)" freezes the stem and the first stage ("" trains everything).
-    # Their BN running statistics still update.
     config.freeze = ""
+    # True: the BN layers among them run in eval mode, normalising with their running statistics and
+    # leaving them as they are (timm's freeze, FrozenBatchNorm2d); False: batch statistics, updated.
+    config.freeze_bn = False
 
     # Weights to start from (fine-tuning) or to validate: a .pth/.bin/.safetensors file or Orbax directory.
     config.init_weights = ""

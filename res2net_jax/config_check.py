@@ -102,6 +102,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": _at_least(0),
     "decay_bn_and_bias": _BOOL,
     "freeze": _REGEX,
+    "freeze_bn": _BOOL,
     "grad_clip_norm": _at_least(0),
     "grad_accum_steps": _integer(1),
     "ema_decay": _fraction(upper_open=True),
@@ -127,6 +128,8 @@ def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
             raise InvalidInputError(f"config.{field}={value!r} is not allowed: use {allowed}")
     if config.num_train_steps == -1 and config.num_epochs < 1:
         raise InvalidInputError(f"config.num_epochs={config.num_epochs!r} is not allowed: use a whole number >= 1")
+    if config.freeze_bn and not config.freeze:
+        raise InvalidInputError("config.freeze_bn is set but nothing is frozen: name the parameters in config.freeze")
     if config.freeze:  # freezes some but not all of this model's parameters
         shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), "float32"))
         steps.frozen_labels(shapes["params"], config.freeze)

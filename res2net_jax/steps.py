@@ -9,6 +9,7 @@ statistics over axis 'batch') and mapped over a 1-D mesh of all devices with `ja
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from res2net_jax import augment
 from res2net_jax.errors import InvalidInputError
+from res2net_jax.layers import BatchNorm
 from res2net_jax.registry import create_model
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; only their fields are read here
@@ -131,6 +133,25 @@ def frozen_labels(params: Any, pattern: str) -> Any:
     return labels
 
 
+def frozen_bn(pattern: str) -> Callable[..., Any]:
+    """A Flax method interceptor (`nn.intercept_methods`) that runs each BatchNorm whose scale `pattern`
+    freezes (its path as `frozen_labels` sees it) in eval mode: its running statistics normalise and
+    are not updated, as in timm's `freeze` (FrozenBatchNorm2d). The others keep the mode asked for."""
+
+    def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        if (
+            isinstance(module, BatchNorm)
+            and context.method_name == "__call__"
+            and re.search(pattern, "/".join((*module.path, "scale")))
+        ):
+            kwargs = {**kwargs, "train": False}
+            args = args[:1]
+        return next_fun(*args, **kwargs)
+
+    return intercept
+
+
 # --- Loss and mixup/cutmix on device ------------------------------------------------------------
 
 
@@ -200,9 +221,10 @@ def make_train_step(
 
     def gradients(state: TrainState, batch_stats: Any, images: jax.Array, targets: jax.Array) -> tuple:
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
-            )
+            with nn.intercept_methods(frozen_bn(config.freeze)) if config.freeze_bn else contextlib.nullcontext():
+                logits, updates = model.apply(
+                    {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+                )
             # The mean over the global batch. Params are replicated (invariant over AXIS), so autodiff
             # sums their gradient over devices: the gradient of this mean is already the global one.
             loss = jax.lax.pmean(jnp.mean(optax.softmax_cross_entropy(logits, targets)), AXIS)

@@ -385,3 +385,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_freeze_bn_needs_frozen_parameters() -> None:
+    config = importlib.import_module("configs.quickstart").get_config()
+    config.freeze_bn = True
+    with pytest.raises(errors.InvalidInputError, match="config.freeze_bn is set but nothing is frozen"):
+        config_check.check(config)
+    config.freeze = "^(conv1|bn1|layer1_)"
+    config_check.check(config)

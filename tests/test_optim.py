@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import timm
 import torch
+from conftest import bn_stats_by_torch_key, images_nchw, nhwc, rel_error, timm_pair
 
 from configs import default
-from res2net_jax import augment, steps
+from res2net_jax import augment, create_model, steps
 
 
 def _config(**fields):
@@ -100,11 +102,14 @@ def test_clipping_bounds_the_update_norm() -> None:
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
 
 
-def test_frozen_parameters_stay_bit_identical_through_training() -> None:
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_frozen_parameters_stay_bit_identical_through_training(freeze_bn: bool) -> None:
     """config.freeze: the stem and first stage keep their exact values through three Nesterov updates
-    with weight decay and clipping, while every other parameter moves."""
+    with weight decay and clipping, while every other parameter moves; their BN running statistics
+    stay too with freeze_bn, and move (batch statistics) without it."""
     config = _config(optimizer="nesterov", weight_decay=1e-2, grad_clip_norm=1.0, batch_size=8, seed=0,
-                     freeze="^(conv1|bn1|layer1_)", hflip=False, color_jitter=0.0, random_erasing=0.0)  # fmt: skip
+                     freeze="^(conv1|bn1|layer1_)", freeze_bn=freeze_bn, hflip=False, color_jitter=0.0,
+                     random_erasing=0.0)  # fmt: skip
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (steps.AXIS,))
     model = steps.build_model(config, num_classes=3, dtype=jnp.float32).clone(layers=(1, 1, 1, 1), base_width=4)
     rng = np.random.RandomState(0)
@@ -113,19 +118,21 @@ def test_frozen_parameters_stay_bit_identical_through_training() -> None:
     variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
     tx = steps.create_optimizer(config, optax.constant_schedule(0.5))
     state = steps.init_train_state(config, tx, variables)
-    before = jax.tree.map(np.asarray, variables["params"])
+    before = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, variables), sep="/")
     train_step = steps.make_train_step(model, tx, config, mesh)
     for _ in range(3):
         state, _ = train_step(state, batch)
-    after = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, state.params), sep="/")
+    after = {"params": state.params, "batch_stats": state.batch_stats}
+    after = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, after), sep="/")
     frozen = 0
-    for path, old in flax.traverse_util.flatten_dict(before, sep="/").items():
-        if path.startswith(("conv1/", "bn1/", "layer1_")):
+    for path, old in before.items():
+        collection, name = path.split("/", 1)
+        if name.startswith(("conv1/", "bn1/", "layer1_")) and (collection == "params" or freeze_bn):
             np.testing.assert_array_equal(after[path], old, err_msg=path)
             frozen += 1
         else:
             assert not np.array_equal(after[path], old), path
-    assert frozen >= 10
+    assert frozen >= (20 if freeze_bn else 10)
 
 
 @jax.enable_x64(True)
@@ -201,3 +208,35 @@ def test_lamb_first_step_by_hand() -> None:
         direction = g / (np.abs(g) + 1e-6) + 0.01 * w
         expected = -0.1 * np.linalg.norm(w) / np.linalg.norm(direction) * direction
         np.testing.assert_allclose(next(iter(updates[key].values())), expected, rtol=1e-5)
+
+
+@jax.enable_x64(True)
+def test_frozen_bn_runs_like_timms_freeze() -> None:
+    """config.freeze_bn: in a train-mode pass the BN layers of the frozen stem and first stage normalise
+    with their running statistics and keep them, the others use and update batch statistics, as in timm
+    after `timm.utils.freeze(model, ["conv1", "bn1", "layer1"])` (FrozenBatchNorm2d): the logits and every
+    running statistic equal timm's after the same pass (float64)."""
+    reference, variables = timm_pair("res2net50d")
+    timm.utils.freeze(reference, ["conv1", "bn1", "layer1"])
+    reference.double().train()
+    x = images_nchw(2, 64, 64)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x).double()).numpy()
+    expected_stats = {k: v.numpy() for k, v in reference.state_dict().items() if "running" in k}
+    model = create_model("res2net50d", dtype=jnp.float64)
+    variables = jax.tree.map(lambda v: np.asarray(v, np.float64), variables)
+
+    @jax.jit
+    def train_pass(variables: dict, images: np.ndarray) -> tuple:
+        with flax.linen.intercept_methods(steps.frozen_bn("^(conv1|bn1|layer1_)")):
+            return model.apply(variables, images, train=True, mutable=["batch_stats"])
+
+    logits, updates = train_pass(variables, nhwc(x))
+    stats = bn_stats_by_torch_key(variables["params"], updates["batch_stats"])
+    before = bn_stats_by_torch_key(variables["params"], variables["batch_stats"])
+    assert rel_error(logits, expected) <= 1e-9
+    assert set(stats) == set(expected_stats)
+    for key, value in expected_stats.items():
+        assert rel_error(stats[key], value) <= 1e-9, key
+        frozen = key.startswith(("conv1.", "bn1.", "layer1."))
+        assert np.array_equal(stats[key], before[key]) == frozen, key
