@@ -3,7 +3,7 @@
 from res2net_jax import convert, weight_files
 from res2net_jax.inference import Prediction, make_predict_fn, preprocess
 from res2net_jax.models import DLA, Bottle2neck, Res2Net
-from res2net_jax.pretrained import from_pretrained, save_pretrained
+from res2net_jax.pretrained import from_pretrained, push_to_hub, save_pretrained
 from res2net_jax.registry import ModelSpec, create_model, get_spec, list_models
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "list_models",
     "make_predict_fn",
     "preprocess",
+    "push_to_hub",
     "save_pretrained",
     "weight_files",
 ]

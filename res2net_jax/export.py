@@ -6,6 +6,7 @@
     python -m res2net_jax.export --format=stablehlo --model=res2net50d --weights=DIR --out=res2net50d.jaxexport
     python -m res2net_jax.export --format=savedmodel --model=res2net50d --weights=DIR --out=res2net50d_savedmodel
     python -m res2net_jax.export --format=onnx --model=res2net50d --weights=DIR --out=res2net50d.onnx
+    python -m res2net_jax.export --format=pretrained --weights=runs/quickstart/best --out=digits_model
 
 --weights takes a training workdir (its latest checkpoint; WORKDIR/best for the best one; --ema for the
 EMA weights), which names its own model, so --model may be left out, or any file
@@ -13,7 +14,9 @@ EMA weights), which names its own model, so --model may be left out, or any file
 .ckpt, or an Orbax directory) with --model. stablehlo, savedmodel and onnx write
 the inference function (normalised NHWC float32 images of --image_size, any batch size -> logits;
 see `res2net_jax.deploy` and `res2net_jax.onnx_export`). An existing --out is never overwritten, and
-the output appears under its name only once complete.
+the output appears under its name only once complete. pretrained writes what
+`res2net_jax.save_pretrained` writes (timm's format, with a run's class names and architecture), which
+`hf upload ORG/REPO DIR` publishes and `from_pretrained`, predict and timm read.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ cli.quiet_startup()  # before anything imports TensorFlow
 
 from absl import flags, logging  # noqa: E402
 
-from res2net_jax import convert, deploy, onnx_export, weight_files  # noqa: E402
+from res2net_jax import convert, deploy, onnx_export, pretrained, weight_files  # noqa: E402
 from res2net_jax.errors import InvalidInputError  # noqa: E402
 from res2net_jax.outputs import new_output_path  # noqa: E402
 from res2net_jax.registry import create_model, get_spec  # noqa: E402
@@ -32,8 +35,9 @@ from res2net_jax.registry import create_model, get_spec  # noqa: E402
 _FORMAT = flags.DEFINE_enum(
     "format",
     None,
-    ["orbax", "torch", "mindspore", "stablehlo", "savedmodel", "onnx"],
-    "orbax: Flax variables; torch: timm-named state dict; mindspore: MindCV-named .ckpt; "
+    ["orbax", "torch", "mindspore", "pretrained", "stablehlo", "savedmodel", "onnx"],
+    "orbax: Flax variables; torch: timm-named state dict; mindspore: MindCV-named .ckpt; pretrained: a directory "
+    "in timm's format (config.json + model.safetensors); "
     "stablehlo: serialised jax.export of the inference function; savedmodel, onnx: the same as a TF SavedModel "
     "or an ONNX model.",
     required=True,
@@ -75,13 +79,15 @@ def main(argv: list[str]) -> None:
         raise InvalidInputError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     out = new_output_path(_OUT.value)  # refused before any work
-    name, overrides, variables, _ = cli.load_weights(
+    name, overrides, variables, class_names = cli.load_weights(
         _WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _RESET_HEAD.value, _EMA.value
     )
     if _FORMAT.value == "torch":
         weight_files.save_state_dict(convert.to_torch(variables, name, overrides), out)
     elif _FORMAT.value == "mindspore":
         weight_files.to_mindspore(variables, name, out, overrides)
+    elif _FORMAT.value == "pretrained":
+        pretrained.save_pretrained(out, name, variables, class_names, overrides)
     elif _FORMAT.value in _DEPLOY:
         model = create_model(name, num_classes=convert.num_classes_of(variables), **overrides)
         image_size = _IMAGE_SIZE.value or get_spec(name).input_size

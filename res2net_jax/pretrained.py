@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from typing import Any
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from huggingface_hub import hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from res2net_jax import convert, weight_files
 from res2net_jax.errors import InvalidInputError, MissingFileError
+from res2net_jax.models import DLA
 from res2net_jax.outputs import atomic_output
 from res2net_jax.registry import create_model, get_spec, list_models
 
@@ -71,16 +73,69 @@ def _files(name_or_path: str) -> tuple[str, str | None, str | None]:
     raise MissingFileError(f"hub repo {repo_id} has no {' or '.join(WEIGHTS_FILES)}")
 
 
-def resolve(name_or_path: str) -> tuple[str, str | None, list[str] | None]:
-    """(weights file, model name or None, class names or None) of a registered name, an `hf-hub:` id or
-    a directory in timm's format: the model and classes its config.json names (a registered name's
-    own). Downloads into huggingface_hub's cache if need be."""
+class Pretrained(NamedTuple):
+    """What a name, hub id or directory resolves to."""
+
+    weights: str  # the local weights file
+    model: str | None  # the registered model name, None if the config does not say
+    overrides: dict[str, Any]  # architecture fields beyond the registered model's (config.json's model_args)
+    class_names: list[str] | None
+
+
+def resolve(name_or_path: str) -> Pretrained:
+    """The weights, model, architecture overrides and class names of a registered name, an `hf-hub:` id
+    or a directory in timm's format, as its config.json gives them (a registered name's own model).
+    Downloads into huggingface_hub's cache if need be."""
     weights, config_path, name = _files(name_or_path)
     config = {}
     if config_path is not None:
         with open(config_path) as f:
             config = json.load(f)
-    return weights, name or config.get("architecture"), config.get("label_names")
+    model = name or config.get("architecture")
+    overrides = from_model_args(config.get("model_args", {}))
+    return Pretrained(weights, model, overrides, config.get("label_names"))
+
+
+# Architecture overrides that timm's Res2Net (ResNet) and DLA constructors take under the same name.
+_SAME_NAME = ("layers", "base_width", "cardinality", "in_chans", "output_stride", "levels", "channels")
+
+
+def to_model_args(model_name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """timm's `create_model` arguments (config.json's `model_args`) for architecture `overrides`."""
+    args: dict[str, Any] = {}
+    dla = create_model(model_name).__class__ is DLA
+    for key, value in overrides.items():
+        value = list(value) if isinstance(value, (tuple, list)) else value
+        if key in _SAME_NAME:
+            args[key] = value
+        elif key == "scale" and not dla:  # timm's Res2Net takes it through its blocks' arguments
+            args["block_args"] = {"scale": value}
+        else:
+            raise InvalidInputError(
+                f"timm's {get_spec(model_name).name} has no argument for the override {key}={value!r}"
+            )
+    return args
+
+
+# model_args that timm's save_for_hf records and that change nothing here: the class count (read from the
+# weights), dropout rates (training only).
+_IGNORED = ("num_classes", "drop_rate", "drop_path_rate")
+
+
+def from_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
+    """Architecture overrides for timm's `create_model` arguments (the inverse of `to_model_args`)."""
+    args = {key: value for key, value in model_args.items() if key not in _IGNORED}
+    if args.pop("global_pool", "avg") != "avg":
+        raise InvalidInputError(f"config.json's model_args asks for global_pool={model_args['global_pool']!r}; "
+                                "res2net_jax's models average-pool")  # fmt: skip
+    block_args = dict(args.pop("block_args", {}))
+    overrides = {key: tuple(v) if isinstance(v, list) else v for key, v in args.items()}
+    if "scale" in block_args:
+        overrides["scale"] = block_args.pop("scale")
+    unknown = sorted(set(args) - set(_SAME_NAME)) + sorted(f"block_args.{key}" for key in block_args)
+    if unknown:
+        raise InvalidInputError(f"config.json's model_args has {unknown[0]}, which res2net_jax's models do not take")
+    return overrides
 
 
 def is_pretrained_id(value: str) -> bool:
@@ -106,14 +161,15 @@ def from_pretrained(
     head (fine-tuning), 0 none (pooled features). `model_kwargs` go to `create_model` (e.g.
     `features_only=True, out_indices=(2, 3, 4)`, `in_chans=1`).
     """
-    weights, name, _ = resolve(name_or_path)
-    if name is None:
+    found = resolve(name_or_path)
+    if found.model is None:
         raise InvalidInputError(f"{name_or_path} does not say which model it holds: its {CONFIG_FILE} has no "
                                 "'architecture'")  # fmt: skip
-    state_dict = weight_files.load_state_dict(weights)
+    overrides = {**found.overrides, **model_kwargs}
+    state_dict = weight_files.load_state_dict(found.weights)
     reset = num_classes is not None and num_classes != 0
-    variables = convert.from_torch(state_dict, name, num_classes, reset_head=reset, overrides=model_kwargs)
-    model = create_model(name, num_classes=convert.num_classes_of(variables), dtype=dtype, **model_kwargs)
+    variables = convert.from_torch(state_dict, found.model, num_classes, reset_head=reset, overrides=overrides)
+    model = create_model(found.model, num_classes=convert.num_classes_of(variables), dtype=dtype, **overrides)
     return model, variables
 
 
@@ -126,9 +182,10 @@ def save_pretrained(
 ) -> None:
     """Writes `variables` of `model_name` as timm's `save_for_hf` does: `model.safetensors` in timm's key
     names and `config.json` (architecture, num_classes, label names, pretrained_cfg with the
-    preprocessing). An existing `directory` is never overwritten; nothing is left under its name if
-    writing fails."""
+    preprocessing; `model_args` with architecture `overrides`, in timm's names). An existing `directory`
+    is never overwritten; nothing is left under its name if writing fails."""
     spec = get_spec(model_name)
+    model_args = to_model_args(spec.name, overrides or {})
     num_classes = convert.num_classes_of(variables)
     if class_names is not None and len(class_names) != num_classes:
         raise InvalidInputError(f"{len(class_names)} class names for a {num_classes}-class head")
@@ -137,8 +194,9 @@ def save_pretrained(
     config = {
         "architecture": spec.name,
         "num_classes": num_classes,
-        "num_features": create_model(spec.name).feature_info[-1]["num_chs"],
+        "num_features": model.feature_info[-1]["num_chs"],
         "global_pool": "avg",
+        **({"model_args": model_args} if model_args else {}),
         **({"label_names": list(class_names)} if class_names is not None else {}),
         "pretrained_cfg": {
             "input_size": [model.in_chans, spec.input_size, spec.input_size],
@@ -157,3 +215,24 @@ def save_pretrained(
         weight_files.save_state_dict(state_dict, os.path.join(staged, WEIGHTS_FILES[0]))
         with open(os.path.join(staged, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
+
+
+def push_to_hub(
+    repo_id: str,
+    model_name: str,
+    variables: dict,
+    class_names: Sequence[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload res2net_jax weights",
+) -> str:
+    """Uploads what `save_pretrained` writes to hub repo `repo_id` (created if it does not exist, private if
+    asked), where `timm.create_model("hf-hub:ORG/REPO", pretrained=True)` and `from_pretrained` read it.
+    `token`: None uses huggingface_hub's login (`hf auth login`, HF_TOKEN). Returns the commit's URL."""
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = os.path.join(scratch, "model")
+        save_pretrained(directory, model_name, variables, class_names, overrides)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message).commit_url

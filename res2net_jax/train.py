@@ -180,7 +180,7 @@ def _initial_variables(config: ml_collections.ConfigDict, model: nn.Module, num_
     if config.init_weights:
         path = config.init_weights
         if pretrained.is_pretrained_id(path):
-            path = pretrained.resolve(path)[0]
+            path = pretrained.resolve(path).weights
         return weight_files.load_variables(
             path, config.model, num_classes, config.reset_head, head_rng, config.model_overrides
         )

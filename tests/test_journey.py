@@ -1,5 +1,6 @@
 """A user's journey through one workdir: train, then evaluate, predict and export every format from
-the run and from its best checkpoint, naming no model, each giving the Flax logits of those weights."""
+the run and from its best checkpoint, naming no model, each giving the Flax logits of those weights
+(and timm those of the pretrained directory)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+import timm
+import torch
 from conftest import rel_error
 from launch import ROOT, env, run
 from PIL import Image
 
-from res2net_jax import create_model, deploy, inference, onnx_export, weight_files
+from res2net_jax import create_model, deploy, from_pretrained, inference, onnx_export, weight_files
 from res2net_jax import workdir as run_dir
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
@@ -66,7 +69,7 @@ def test_every_export_of_the_run_gives_its_logits(where: str, trained: str, tmp_
     source = os.path.join(trained, where) if where else trained
     expected = _logits(weight_files.load_variables(source, MODEL, overrides=OVERRIDES))
     outputs = {"torch": "w.safetensors", "orbax": "flax", "mindspore": "w.ckpt", "stablehlo": "f.jaxexport",
-               "savedmodel": "saved", "onnx": "f.onnx"}  # fmt: skip
+               "savedmodel": "saved", "onnx": "f.onnx", "pretrained": "hf"}  # fmt: skip
     for fmt, name in outputs.items():
         done = _module("res2net_jax.export", f"--format={fmt}", f"--weights={source}", f"--out={tmp_path / name}",
                        f"--image_size={SIZE}")  # fmt: skip
@@ -78,6 +81,13 @@ def test_every_export_of_the_run_gives_its_logits(where: str, trained: str, tmp_
         "stablehlo": np.asarray(deploy.load_stablehlo(tmp_path / "f.jaxexport")(_images())),
         "onnx": onnx_export.load_onnx(tmp_path / "f.onnx")(_images()),
     }
+    # pretrained: timm's format, which names the reduced architecture and the run's classes for timm too.
+    model, variables = from_pretrained(str(tmp_path / "hf"))
+    got["pretrained"] = np.asarray(model.apply(variables, _images(), train=False))
+    with torch.no_grad():
+        reference = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
+        got["timm"] = reference(torch.from_numpy(_images().transpose(0, 3, 1, 2))).numpy()
+    assert reference.pretrained_cfg["label_names"] == ["class0", "class1", "class2", "class3"]
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]

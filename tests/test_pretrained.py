@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm
 import torch
-from conftest import hub_cache, images_nchw, nhwc, rel_error, timm_pair
+from conftest import hub_cache, images_nchw, nhwc, rel_error, state_dict_numpy, timm_model, timm_pair
+from huggingface_hub import HfApi
 from launch import ROOT
 from PIL import Image
 
-from res2net_jax import create_model, from_pretrained, save_pretrained
-from res2net_jax.errors import MissingFileError, OutputExistsError
+from res2net_jax import convert, create_model, from_pretrained, push_to_hub, save_pretrained
+from res2net_jax.errors import InvalidInputError, MissingFileError, OutputExistsError
 
 NAME = "res2net50_14w_8s"
 
@@ -99,3 +102,50 @@ def test_from_pretrained_reads_an_offline_hub_cache(tmp_path) -> None:
     for name in ("res2net50_14w_8s", "hf-hub_timm_res2net50_14w_8s.in1k"):
         assert rel_error(np.load(tmp_path / f"{name}.npy"), expected) <= 1e-5
     assert "ERROR timm/res2net50d.in1k/model.safetensors is not in the Hugging Face cache" in done.stdout
+
+
+def test_save_pretrained_records_architecture_overrides(tmp_path) -> None:
+    """A reduced network (the quickstart's one block per stage and base width 14, with a scale of 2):
+    config.json's model_args, in timm's names, rebuild it in timm and in from_pretrained with the same
+    logits; an override timm cannot take is refused before anything is written."""
+    overrides = {"layers": (1, 1, 1, 1), "base_width": 14, "scale": 2}
+    reference = timm_model("res2net50_26w_4s", num_classes=4, layers=[1, 1, 1, 1], base_width=14,
+                           block_args={"scale": 2})  # fmt: skip
+    variables = convert.from_torch(state_dict_numpy(reference), "res2net50_26w_4s", overrides=overrides)
+    directory = tmp_path / "small"
+    save_pretrained(directory, "res2net50_26w_4s", variables, overrides=overrides)
+    x = images_nchw(2, 64, 64)
+    expected = _logits(reference, x)
+    assert rel_error(_logits(timm.create_model(f"local-dir:{directory}", pretrained=True), x), expected) <= 1e-6
+    model, loaded = from_pretrained(str(directory))
+    assert (model.layers, model.base_width, model.scale) == ((1, 1, 1, 1), 14, 2)
+    assert rel_error(model.apply(loaded, jnp.asarray(nhwc(x))), expected) <= 1e-5
+    with pytest.raises(InvalidInputError, match="timm's dla60_res2net has no argument for the override scale=2"):
+        save_pretrained(tmp_path / "dla", "dla60_res2net", {}, overrides={"scale": 2})
+    assert not (tmp_path / "dla").exists()
+
+
+def test_push_to_hub_uploads_the_save_pretrained_directory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network here: huggingface_hub's two calls are recorded, and the folder handed to upload_folder
+    is what save_pretrained writes (timm reads it with the same logits)."""
+    reference, variables = timm_pair(NAME, num_classes=2)
+    calls = []
+
+    def create_repo(self, repo_id: str, **kwargs) -> None:
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, repo_id: str, folder_path: str, **kwargs) -> SimpleNamespace:
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+        calls.append(("upload_folder", repo_id, kwargs))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    url = push_to_hub("org/digits", NAME, variables, class_names=["a", "b"], private=True)
+    assert url == "https://huggingface.co/org/digits/commit/1"
+    assert calls == [("create_repo", "org/digits", {"private": True, "exist_ok": True}),
+                     ("upload_folder", "org/digits", {"commit_message": "Upload res2net_jax weights"})]  # fmt: skip
+    uploaded = timm.create_model(f"local-dir:{tmp_path / 'uploaded'}", pretrained=True)
+    assert uploaded.pretrained_cfg["label_names"] == ["a", "b"]
+    x = images_nchw(1, 64, 64)
+    assert rel_error(_logits(uploaded, x), _logits(reference, x)) <= 1e-6
