@@ -84,7 +84,7 @@ def load_weights(
     overrides: dict[str, Any] = {}
     names = None
     if pretrained.is_pretrained_id(weights) or pretrained.is_pretrained_dir(weights):
-        weights, name, overrides, names = pretrained.resolve(weights)
+        weights, name, overrides, names, _ = pretrained.resolve(weights)
         model = model or name
         if model is None:
             raise InvalidInputError(f"{weights} does not say which model it holds: name it with --model")

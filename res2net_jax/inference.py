@@ -58,14 +58,31 @@ def preprocess(
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def center_crop(image: np.ndarray, input_size: int = 224, crop_pct: float = 0.875) -> np.ndarray:
+class DataConfig(NamedTuple):
+    """How a model's images are prepared for evaluation (timm's `resolve_data_config`)."""
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # one of INTERPOLATIONS: the resampling of `center_crop`
+
+
+INTERPOLATIONS = ("bilinear", "bicubic")  # PIL's filters of these names, as timm's transforms use them
+
+
+def center_crop(
+    image: np.ndarray, input_size: int = 224, crop_pct: float = 0.875, interpolation: str = "bilinear"
+) -> np.ndarray:
     """`preprocess`'s resize and centre crop of one uint8 image (H, W, 3) on the host, with PIL as timm's
     evaluation transform does it: batches of any image sizes then share one shape (and one compiled
     function: pass them with crop_pct=1)."""
     from PIL import Image
 
+    if interpolation not in INTERPOLATIONS:
+        raise InvalidInputError(f"interpolation {interpolation!r} is not supported: use {' or '.join(INTERPOLATIONS)}")
     size, top, left = _resize_and_crop(*image.shape[:2], input_size, crop_pct)
-    resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+    resized = np.asarray(Image.fromarray(image).resize(size[::-1], getattr(Image.Resampling, interpolation.upper())))
     return resized[top : top + input_size, left : left + input_size]
 
 
@@ -75,6 +92,8 @@ def make_predict_fn(
     top_k: int = 5,
     input_size: int = 224,
     crop_pct: float = 0.875,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Callable[[Any], Prediction]:
     """A jitted function from a uint8 (N, H, W, 3) RGB batch to a `Prediction`.
 
@@ -84,7 +103,7 @@ def make_predict_fn(
 
     @jax.jit
     def predict(variables: Any, images: jax.Array) -> Prediction:
-        logits = model.apply(variables, preprocess(images, input_size, crop_pct), train=False)
+        logits = model.apply(variables, preprocess(images, input_size, crop_pct, mean, std), train=False)
         # Rank by logits: probabilities that underflow to 0 would tie.
         _, classes = jax.lax.top_k(logits, top_k)
         probs = jnp.take_along_axis(jax.nn.softmax(logits), classes, axis=-1)

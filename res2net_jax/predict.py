@@ -4,7 +4,8 @@
     python -m res2net_jax.predict --model=res2net50_26w_4s --weights=model.safetensors cat.jpg
     python -m res2net_jax.predict --weights=runs/quickstart/best --format=csv digits/*.png
 
-A run, published weights and save_pretrained directories name their model and classes. Images are
+A run, published weights and save_pretrained directories name their model and classes, and their
+preprocessing (a run's image size and crop; config.json's pretrained_cfg). Images are
 resized and centre-cropped on the host (PIL, as timm's evaluation transform) and classified in
 batches of --batch_size, so the model compiles once whatever the image sizes. Each unreadable or
 refused image (beyond `inference.MAX_PIXELS` or `MAX_ASPECT`) is reported by name and skipped; the
@@ -25,10 +26,10 @@ cli.quiet_startup()  # before anything imports TensorFlow
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from res2net_jax import workdir  # noqa: E402
+from res2net_jax import pretrained, workdir  # noqa: E402
 from res2net_jax.convert import num_classes_of  # noqa: E402
 from res2net_jax.errors import InvalidInputError  # noqa: E402
-from res2net_jax.inference import center_crop, imagenet_classes, load_image, make_predict_fn  # noqa: E402
+from res2net_jax.inference import DataConfig, center_crop, imagenet_classes, load_image, make_predict_fn  # noqa: E402
 from res2net_jax.registry import create_model, get_spec  # noqa: E402
 
 _MODEL = flags.DEFINE_string(
@@ -48,16 +49,21 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per compiled batch 
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json", "csv"], "Output: readable text, JSON or CSV.")
 
 
-def _input_transform(weights: str, model_name: str) -> tuple[int, float]:
-    """The evaluation size and crop a training workdir's run used, else the model's defaults."""
+def _data_config(weights: str, model_name: str) -> DataConfig:
+    """The evaluation transform: a training workdir's (its image size and crop), a pretrained directory's
+    or hub repo's (config.json's pretrained_cfg), else the registered model's defaults."""
     source = workdir.locate(weights)
     settings_path = os.path.join(source.root, workdir.CONFIG) if source else ""
     if os.path.exists(settings_path):
         with open(settings_path) as f:
             settings = json.load(f)
-        return settings["image_size"], settings["crop_pct"]
+        return DataConfig(settings["image_size"], settings["crop_pct"])
+    if pretrained.is_pretrained_id(weights) or pretrained.is_pretrained_dir(weights):
+        data_config = pretrained.resolve(weights).data_config
+        if data_config is not None:
+            return data_config
     spec = get_spec(model_name)
-    return spec.input_size, spec.crop_pct
+    return DataConfig(spec.input_size, spec.crop_pct, spec.mean, spec.std)
 
 
 def main(argv: list[str]) -> None:
@@ -68,9 +74,10 @@ def main(argv: list[str]) -> None:
         raise InvalidInputError("name at least one image file to classify")
     name, overrides, variables, names = cli.load_weights(_WEIGHTS.value, _MODEL.value, ema=_EMA.value)
     model = create_model(name, num_classes=num_classes_of(variables), **overrides)
-    input_size, crop_pct = _input_transform(_WEIGHTS.value, name)
+    data = _data_config(_WEIGHTS.value, name)
     # Crops come from the host at input_size: the compiled function does not resample them.
-    predict = make_predict_fn(model, variables, min(_TOP_K.value, model.num_classes), input_size, crop_pct=1.0)
+    top_k = min(_TOP_K.value, model.num_classes)
+    predict = make_predict_fn(model, variables, top_k, data.input_size, crop_pct=1.0, mean=data.mean, std=data.std)
     if names is None and model.num_classes == len(imagenet_classes()):
         names = imagenet_classes()
     batch_size = max(1, min(_BATCH_SIZE.value, len(paths)))
@@ -88,7 +95,7 @@ def main(argv: list[str]) -> None:
 
     for path in paths:
         try:
-            crops.append(center_crop(load_image(path), input_size, crop_pct))
+            crops.append(center_crop(load_image(path), data.input_size, data.crop_pct, data.interpolation))
             kept.append(path)
         except InvalidInputError as err:  # unreadable, or beyond the size limits
             print(cli.one_line(err), file=sys.stderr)

@@ -23,6 +23,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from res2net_jax import convert, weight_files
 from res2net_jax.errors import InvalidInputError, MissingFileError
+from res2net_jax.inference import INTERPOLATIONS, DataConfig
 from res2net_jax.models import DLA
 from res2net_jax.outputs import atomic_output
 from res2net_jax.registry import create_model, get_spec, list_models
@@ -80,6 +81,7 @@ class Pretrained(NamedTuple):
     model: str | None  # the registered model name, None if the config does not say
     overrides: dict[str, Any]  # architecture fields beyond the registered model's (config.json's model_args)
     class_names: list[str] | None
+    data_config: DataConfig | None  # config.json's preprocessing (pretrained_cfg), None if it has none
 
 
 def resolve(name_or_path: str) -> Pretrained:
@@ -93,7 +95,25 @@ def resolve(name_or_path: str) -> Pretrained:
             config = json.load(f)
     model = name or config.get("architecture")
     overrides = from_model_args(config.get("model_args", {}))
-    return Pretrained(weights, model, overrides, config.get("label_names"))
+    cfg = config.get("pretrained_cfg")
+    data_config = None
+    if cfg:
+        default = DataConfig()
+        _, height, width = cfg.get("input_size", (3, default.input_size, default.input_size))
+        if height != width:
+            raise InvalidInputError(f"{name_or_path}: input_size {height}x{width} is not square, as this package's "
+                                    "evaluation transform needs")  # fmt: skip
+        data_config = DataConfig(
+            input_size=height,
+            crop_pct=cfg.get("crop_pct", default.crop_pct),
+            mean=tuple(cfg.get("mean", default.mean)),
+            std=tuple(cfg.get("std", default.std)),
+            interpolation=cfg.get("interpolation", default.interpolation),
+        )
+        if data_config.interpolation not in INTERPOLATIONS:
+            raise InvalidInputError(f"{name_or_path}: interpolation {data_config.interpolation!r} is not supported "
+                                    f"(use {' or '.join(INTERPOLATIONS)})")  # fmt: skip
+    return Pretrained(weights, model, overrides, config.get("label_names"), data_config)
 
 
 # Architecture overrides that timm's Res2Net (ResNet) and DLA constructors take under the same name.

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import hub_cache, images_nchw, nhwc, rel_error, state_dict_numpy, timm_model, timm_pair
+from conftest import hub_cache, images_nchw, moderate_head, nhwc, rel_error, state_dict_numpy, timm_model, timm_pair
 from huggingface_hub import HfApi
 from launch import ROOT
 from PIL import Image
+from timm.data import create_transform, resolve_data_config
 
 from res2net_jax import convert, create_model, from_pretrained, push_to_hub, save_pretrained
 from res2net_jax.errors import InvalidInputError, MissingFileError, OutputExistsError
@@ -149,3 +150,34 @@ def test_push_to_hub_uploads_the_save_pretrained_directory(tmp_path, monkeypatch
     assert uploaded.pretrained_cfg["label_names"] == ["a", "b"]
     x = images_nchw(1, 64, 64)
     assert rel_error(_logits(uploaded, x), _logits(reference, x)) <= 1e-6
+
+
+def test_predict_takes_the_preprocessing_from_the_pretrained_config(tmp_path) -> None:
+    """A directory whose config.json asks for 160 px, crop_pct 0.95, bicubic resampling and its own
+    mean and std: predict prepares the photo as timm's resolve_data_config + create_transform do, and
+    gives timm's top-5."""
+    reference, _ = timm_pair(NAME, num_classes=20)
+    cfg = {"input_size": [3, 160, 160], "crop_pct": 0.95, "interpolation": "bicubic", "mean": [0.5, 0.4, 0.3],
+           "std": [0.2, 0.3, 0.25]}  # fmt: skip
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.RandomState(2).rand(150, 230, 3) * 255).astype(np.uint8)).save(photo)
+    transform = create_transform(**resolve_data_config(cfg))
+    image = transform(Image.open(photo))[None]
+    moderate_head(reference, image)
+    directory = tmp_path / "saved"
+    save_pretrained(directory, NAME, convert.from_torch(state_dict_numpy(reference), NAME))
+    config = json.loads((directory / "config.json").read_text())
+    config["pretrained_cfg"].update(cfg)
+    (directory / "config.json").write_text(json.dumps(config))
+    loaded = timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in resolve_data_config({}, model=loaded).items()} == {
+        k: tuple(v) if isinstance(v, list) else v for k, v in resolve_data_config(cfg).items()
+    }
+    with torch.no_grad():
+        probs = torch.softmax(loaded(image), -1)[0].numpy()
+    done = subprocess.run([sys.executable, "-m", "res2net_jax.predict", f"--weights={directory}", "--format=json",
+                           str(photo)], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    top = json.loads(done.stdout)[0]["top"]
+    assert [t["class"] for t in top] == list(np.argsort(-probs)[:5])
+    np.testing.assert_allclose([t["prob"] for t in top], np.sort(probs)[::-1][:5], atol=1e-3)
