@@ -119,7 +119,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     config = types.SimpleNamespace(  # the fields the step and optimiser read; timm gets the same recipe
         optimizer="momentum", momentum=0.9, weight_decay=1e-4, decay_bn_and_bias=False, grad_clip_norm=0.0,
         grad_accum_steps=1, label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0, mix_switch_prob=0.5,
-        ema_decay=0.0, seed=0, freeze="", hflip=_AUGMENT.value, color_jitter=0.4 * _AUGMENT.value,
+        ema_decay=0.0, seed=0, freeze="", freeze_bn=False, hflip=_AUGMENT.value, color_jitter=0.4 * _AUGMENT.value,
         random_erasing=0.5 * _AUGMENT.value,
     )  # fmt: skip
     size, batch = _IMAGE_SIZE.value, _BATCH.value
