@@ -157,7 +157,8 @@ def _stages(root: str) -> dict[str, float]:
         "decode_whole": tf.function(lambda data: tf.io.decode_jpeg(data, channels=3)),
         "window": tf.function(window),
         "decode_window": tf.function(crop),
-        "decode_window_resize": tf.function(
+        # TensorFlow's antialiased resize (ScaleAndTranslate), which the pipeline used before PIL's.
+        "decode_window_tf_resize": tf.function(
             lambda data: tf.image.resize(crop(data), size, method="bilinear", antialias=True)
         ),
         "host_train_total": tf.function(lambda data: input_pipeline.preprocess_train(data, seed, config)),

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from res2net_jax import digits  # noqa: F401 - registers the offline `sklearn_digits` dataset
 from res2net_jax.errors import InvalidInputError, MissingFileError
@@ -178,8 +179,7 @@ def _random_resized_crop(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_col
     header), so the pixels outside it, on average about half the image, are never decoded.
     """
     draws = tf.random.stateless_uniform([CROP_TRIES, 4], seed)
-
-    output = [config.image_size, config.image_size]
+    output = config.image_size
 
     def window(shape: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         top, left, height, width = crop_window(shape[0], shape[1], draws, config.crop_scale, config.crop_ratio)
@@ -194,7 +194,7 @@ def _random_resized_crop(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_col
         image = _decode(image_bytes)
         begin, size = window(tf.shape(image)[:2])
         crop = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([size, [-1]], 0))
-        return crop, tf.cast(output, tf.float32) / tf.cast(size, tf.float32), tf.zeros([2])
+        return crop, output / tf.cast(size, tf.float64), tf.zeros([2], tf.float64)
 
     crop, scale, translation = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
     return _resample(crop, scale, output, translation)
@@ -220,8 +220,8 @@ def _decode_jpeg_window(
             start = begin // ratio
             end = tf.minimum((begin + size + ratio - 1) // ratio, scaled)
             pixels = tf.io.decode_and_crop_jpeg(image_bytes, tf.concat([start, end - start], 0), 3, ratio=ratio)
-            scale = ratio * output / tf.cast(size, tf.float32)
-            translation = -(tf.cast(begin, tf.float32) / ratio - tf.cast(start, tf.float32)) * scale
+            scale = ratio * output / tf.cast(size, tf.float64)
+            translation = -(tf.cast(begin, tf.float64) / ratio - tf.cast(start, tf.float64)) * scale
             return pixels, scale, translation
 
         return run
@@ -229,17 +229,21 @@ def _decode_jpeg_window(
     return tf.switch_case(branch, [decode(ratio) for ratio in DCT_RATIOS])
 
 
-def _resample(image: tf.Tensor, scale: tf.Tensor, output: list[int], translation: tf.Tensor) -> tf.Tensor:
-    """Bilinear antialiased resampling of `image` (uint8), as tf.image.resize(..., antialias=True) and
-    PIL's bilinear resize compute it: scaled by `scale` (height, width), then the `output` pixels at
-    offset -`translation`. Only those pixels are computed, so a centre crop of a resize costs the crop."""
-    return tf.raw_ops.ScaleAndTranslate(
-        images=image[None], size=output, scale=scale, translation=translation, kernel_type="triangle", antialias=True
-    )[0]
+def _resample(image: tf.Tensor, scale: tf.Tensor, output: int, translation: tf.Tensor) -> tf.Tensor:
+    """`image` (uint8) scaled by `scale` (height, width), then the `output` x `output` pixels at offset
+    -`translation`, with PIL's antialiased bilinear filter: what timm's transforms compute (PIL's
+    `resize`, whose `box` makes a centre crop of a resize cost only the crop). PIL releases Python's
+    lock while it resamples, so tf.data's threads resample in parallel, and it resamples in about half
+    the time of TensorFlow's antialiased resize (ScaleAndTranslate): experiments/NOTES.md, lever 5."""
 
+    def resize(pixels: np.ndarray, scale: np.ndarray, translation: np.ndarray) -> np.ndarray:
+        (scale_y, scale_x), (shift_y, shift_x) = scale, translation
+        top, left = -shift_y / scale_y, -shift_x / scale_x
+        box = (left, top, left + output / scale_x, top + output / scale_y)
+        return np.asarray(Image.fromarray(pixels).resize((output, output), Image.Resampling.BILINEAR, box=box))
 
-def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-    return tf.saturate_cast(tf.round(image), tf.uint8)
+    resized = tf.numpy_function(resize, [image, scale, translation], tf.uint8, stateful=False)
+    return tf.ensure_shape(resized, [output, output, 3])
 
 
 def preprocess_train(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
@@ -247,22 +251,22 @@ def preprocess_train(image_bytes: tf.Tensor, seed: tf.Tensor, config: ml_collect
 
     Flip, colour jitter, normalisation and random erasing follow on the accelerator (`augment`).
     """
-    return _to_uint8(_random_resized_crop(image_bytes, seed, config))
+    return _random_resized_crop(image_bytes, seed, config)
 
 
 def preprocess_eval(image_bytes: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
     """Resize the shorter side to image_size / crop_pct (bilinear), center-crop image_size, as uint8;
     the eval step normalises. Only the crop's pixels are resampled, and a JPEG decodes only the
     source pixels they read (the crop's preimage and the filter's reach around it)."""
-    output = [config.image_size, config.image_size]
+    output = config.image_size
 
     def geometry(shape: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The resize's scale and the centre crop's offset in the resized image, for a source `shape`."""
-        source = tf.cast(shape, tf.float32)
+        source = tf.cast(shape, tf.float64)
         short = float(int(config.image_size / config.crop_pct))
         size = tf.maximum(tf.cast(tf.floor(source * short / tf.reduce_min(source)), tf.int32), config.image_size)
-        offset = tf.round(tf.cast(size - config.image_size, tf.float32) / 2)  # half to even, as CenterCrop
-        return tf.cast(size, tf.float32) / source, offset
+        offset = tf.round(tf.cast(size - config.image_size, tf.float64) / 2)  # half to even, as CenterCrop
+        return tf.cast(size, tf.float64) / source, offset
 
     def jpeg() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         shape = tf.io.extract_jpeg_shape(image_bytes)[:2]
@@ -271,7 +275,7 @@ def preprocess_eval(image_bytes: tf.Tensor, config: ml_collections.ConfigDict) -
         begin = tf.cast(tf.maximum(tf.floor(offset / scale) - reach, 0), tf.int32)
         end = tf.minimum(tf.cast(tf.math.ceil((offset + config.image_size) / scale) + reach, tf.int32), shape)
         window = tf.io.decode_and_crop_jpeg(image_bytes, tf.concat([begin, end - begin], 0), channels=3)
-        return window, scale, tf.cast(begin, tf.float32) * scale - offset
+        return window, scale, tf.cast(begin, tf.float64) * scale - offset
 
     def other() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         image = _decode(image_bytes)
@@ -279,7 +283,7 @@ def preprocess_eval(image_bytes: tf.Tensor, config: ml_collections.ConfigDict) -
         return image, scale, -offset
 
     pixels, scale, translation = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
-    return _to_uint8(_resample(pixels, scale, output, translation))
+    return _resample(pixels, scale, output, translation)
 
 
 # --- Datasets ---------------------------------------------------------------------------------
