@@ -2,9 +2,10 @@
 
     python main.py --config=configs/finetune_cifar10.py --workdir=runs/r50_cifar10
 
---config.init_weights names the pretrained weights: by default "res2net50", timm's published
-`timm/res2net50_26w_4s.in1k` (downloaded once into huggingface_hub's cache), or a weights file, an
-official .pth, an Orbax directory or a run; their 1000-class head is replaced by a new 10-class one.
+--config.init_weights names the pretrained weights: by default "res2net50_26w_4s" (the network MindCV
+calls res2net50), timm's published `timm/res2net50_26w_4s.in1k` (downloaded once into
+huggingface_hub's cache), or a weights file (MindCV's own .ckpt too), an official .pth, an Orbax
+directory or a run; their 1000-class head is replaced by a new 10-class one.
 CIFAR-10 is downloaded by TFDS on first use. Images are resized from 32 to 224 px as the pretrained
 network expects. Fine-tuned ImageNet ResNets of this size reach 95-97% top-1 here.
 """
@@ -15,7 +16,7 @@ from configs import default
 def get_config():
     config = default.get_config()
     config.model = "res2net50"
-    config.init_weights = "res2net50"
+    config.init_weights = "res2net50_26w_4s"
     config.reset_head = True
     config.dataset = "cifar10"
     config.image_size = 224

@@ -142,9 +142,10 @@ def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
             if named.name != get_spec(config.model).name:
                 raise InvalidInputError(f"config.init_weights={config.init_weights!r} are {named.name}'s weights but "
                                         f"config.model={config.model!r}: set --config.model={named.name}")  # fmt: skip
-            if named.hf_hub_id is None:
-                raise MissingFileError(f"config.init_weights={config.init_weights!r}: {named.name} has no published "
-                                       "weights; pass a weights file")  # fmt: skip
+            try:
+                pretrained.hub_id(config.init_weights)
+            except MissingFileError as err:
+                raise MissingFileError(f"config.init_weights={config.init_weights!r}: {err}") from None
         paths.pop("init_weights")
     if mode == "eval":
         paths["eval_weights"] = config.eval_weights

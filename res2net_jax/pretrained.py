@@ -26,7 +26,7 @@ from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.inference import INTERPOLATIONS, DataConfig
 from res2net_jax.models import DLA
 from res2net_jax.outputs import atomic_output
-from res2net_jax.registry import create_model, get_spec, list_models
+from res2net_jax.registry import MINDCV_WEIGHTS, create_model, get_spec, list_models
 
 HUB_PREFIX = "hf-hub:"
 CONFIG_FILE = "config.json"
@@ -48,6 +48,25 @@ def _from_hub(repo_id: str, filename: str) -> str | None:
         return None
 
 
+def hub_id(name: str) -> str:
+    """The hub repo of a registered name's published weights. A MindCV name (its weights are MindSpore
+    checkpoints elsewhere) or a model without published weights is one line saying what there is."""
+    spec = get_spec(name)
+    if name in MINDCV_WEIGHTS:
+        url, top1 = MINDCV_WEIGHTS[name]
+        raise MissingFileError(
+            f"{name} is MindCV's name: MindCV's weights for it ({top1}% top-1) are the MindSpore checkpoint {url}, "
+            "not on the Hugging Face hub; download it and pass its path (weight_files.load_variables, init_weights, "
+            f"--weights). timm's weights of the same network ({spec.top1}%) are {spec.name}'s"
+        )
+    if spec.hf_hub_id is None:
+        raise MissingFileError(
+            f"{name} has no published weights on the Hugging Face hub (MindCV publishes none for it either): "
+            "train it, or pass a weights file"
+        )
+    return spec.hf_hub_id
+
+
 def _files(name_or_path: str) -> tuple[str, str | None, str | None]:
     """(weights path, config.json path or None, registry name or None) for a registered name, an
     `hf-hub:` id or a directory, downloading into huggingface_hub's cache if need be."""
@@ -60,13 +79,7 @@ def _files(name_or_path: str) -> tuple[str, str | None, str | None]:
     if name_or_path.startswith(HUB_PREFIX):
         repo_id, name = name_or_path.removeprefix(HUB_PREFIX), None
     else:
-        spec = get_spec(name_or_path)
-        if spec.hf_hub_id is None:
-            raise MissingFileError(
-                f"{name_or_path} has no published weights on the Hugging Face hub (MindCV publishes none for it "
-                "either): train it, or convert a MindCV .ckpt with weight_files.load_variables"
-            )
-        repo_id, name = spec.hf_hub_id, spec.name
+        repo_id, name = hub_id(name_or_path), get_spec(name_or_path).name
     for filename in WEIGHTS_FILES:
         weights = _from_hub(repo_id, filename)
         if weights is not None:

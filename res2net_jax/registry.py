@@ -77,6 +77,15 @@ ALIASES: dict[str, str] = {
     "res2net101_v1b": "res2net101d",
 }
 
+# MindCV's own ImageNet weights for its names (MindSpore checkpoints, MindCV's README; no hub copy),
+# with MindCV's published top-1. They differ from timm's weights of the same networks.
+MINDCV_WEIGHTS: dict[str, tuple[str, float]] = {
+    "res2net50": ("https://download.mindspore.cn/toolkits/mindcv/res2net/res2net50-f42cf71b.ckpt", 79.35),
+    "res2net101": ("https://download.mindspore.cn/toolkits/mindcv/res2net/res2net101-8ae60132.ckpt", 79.56),
+    "res2net50_v1b": ("https://download.mindspore.cn/toolkits/mindcv/res2net/res2net50_v1b-99304e92.ckpt", 80.32),
+    "res2net101_v1b": ("https://download.mindspore.cn/toolkits/mindcv/res2net/res2net101_v1b-7e6db001.ckpt", 81.14),
+}
+
 
 def list_models() -> list[str]:
     """Every name `create_model` accepts, aliases included, sorted."""

@@ -226,7 +226,13 @@ def test_each_bad_config_value_is_named(field: str, value: object) -> None:
     ("model", "weights", "message"),
     [
         ("res2net50", "res2net50d", "config.init_weights='res2net50d' are res2net50d's weights but config.model="),
-        ("res2net152", "res2net152", "res2net152 has no published weights; pass a weights file"),
+        ("res2net152", "res2net152", "res2net152 has no published weights on the Hugging Face hub"),
+        (
+            "res2net50_v1b",
+            "res2net50_v1b",
+            "res2net50_v1b is MindCV's name: MindCV's weights for it (80.32% top-1) are "
+            "the MindSpore checkpoint https://download.mindspore.cn/toolkits/mindcv/res2net/res2net50_v1b-99304e92.ckpt",
+        ),
         ("res2net50", "no_such.pth", "config.init_weights='no_such.pth' does not exist (nor a model name with"),
     ],
 )

@@ -181,3 +181,13 @@ def test_predict_takes_the_preprocessing_from_the_pretrained_config(tmp_path) ->
     top = json.loads(done.stdout)[0]["top"]
     assert [t["class"] for t in top] == list(np.argsort(-probs)[:5])
     np.testing.assert_allclose([t["prob"] for t in top], np.sort(probs)[::-1][:5], atol=1e-3)
+
+
+def test_mindcv_names_say_where_mindcvs_weights_are() -> None:
+    """MindCV's own weights are not on the hub: its names are refused, naming the checkpoint's address
+    and timm's weights of the same network, before anything is fetched."""
+    with pytest.raises(MissingFileError) as refused:
+        from_pretrained("res2net101")
+    message = str(refused.value)
+    assert "https://download.mindspore.cn/toolkits/mindcv/res2net/res2net101-8ae60132.ckpt" in message
+    assert "(79.56% top-1)" in message and "res2net101_26w_4s's" in message
