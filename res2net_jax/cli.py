@@ -84,8 +84,8 @@ def load_weights(
     overrides: dict[str, Any] = {}
     names = None
     if pretrained.is_pretrained_id(weights) or pretrained.is_pretrained_dir(weights):
-        weights, name, overrides, names, _ = pretrained.resolve(weights)
-        model = model or name
+        found = pretrained.resolve(weights)
+        weights, model, overrides, names = found.weights, model or found.model, found.overrides, found.class_names
         if model is None:
             raise InvalidInputError(f"{weights} does not say which model it holds: name it with --model")
     elif source is not None:

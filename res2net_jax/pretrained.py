@@ -108,25 +108,23 @@ def resolve(name_or_path: str) -> Pretrained:
             config = json.load(f)
     model = name or config.get("architecture")
     overrides = from_model_args(config.get("model_args", {}))
-    cfg = config.get("pretrained_cfg")
-    data_config = None
-    if cfg:
-        default = DataConfig()
-        _, height, width = cfg.get("input_size", (3, default.input_size, default.input_size))
-        if height != width:
-            raise InvalidInputError(f"{name_or_path}: input_size {height}x{width} is not square, as this package's "
-                                    "evaluation transform needs")  # fmt: skip
-        data_config = DataConfig(
-            input_size=height,
-            crop_pct=cfg.get("crop_pct", default.crop_pct),
-            mean=tuple(cfg.get("mean", default.mean)),
-            std=tuple(cfg.get("std", default.std)),
-            interpolation=cfg.get("interpolation", default.interpolation),
-        )
-        if data_config.interpolation not in INTERPOLATIONS:
-            raise InvalidInputError(f"{name_or_path}: interpolation {data_config.interpolation!r} is not supported "
-                                    f"(use {' or '.join(INTERPOLATIONS)})")  # fmt: skip
+    data_config = _data_config(config["pretrained_cfg"], name_or_path) if config.get("pretrained_cfg") else None
     return Pretrained(weights, model, overrides, config.get("label_names"), data_config)
+
+
+def _data_config(cfg: Mapping[str, Any], source: str) -> DataConfig:
+    """The evaluation transform a timm `pretrained_cfg` asks for, as timm's resolve_data_config reads it."""
+    default = DataConfig()
+    _, height, width = cfg.get("input_size", (3, default.input_size, default.input_size))
+    if height != width:
+        raise InvalidInputError(f"{source}: input_size {height}x{width} is not square, as this package's "
+                                "evaluation transform needs")  # fmt: skip
+    interpolation = cfg.get("interpolation", default.interpolation)
+    if interpolation not in INTERPOLATIONS:
+        raise InvalidInputError(f"{source}: interpolation {interpolation!r} is not supported "
+                                f"(use {' or '.join(INTERPOLATIONS)})")  # fmt: skip
+    mean, std = tuple(cfg.get("mean", default.mean)), tuple(cfg.get("std", default.std))
+    return DataConfig(height, cfg.get("crop_pct", default.crop_pct), mean, std, interpolation)
 
 
 # Architecture overrides that timm's Res2Net (ResNet) and DLA constructors take under the same name.
@@ -136,7 +134,7 @@ _SAME_NAME = ("layers", "base_width", "cardinality", "in_chans", "output_stride"
 def to_model_args(model_name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """timm's `create_model` arguments (config.json's `model_args`) for architecture `overrides`."""
     args: dict[str, Any] = {}
-    dla = create_model(model_name).__class__ is DLA
+    dla = get_spec(model_name).family is DLA
     for key, value in overrides.items():
         value = list(value) if isinstance(value, (tuple, list)) else value
         if key in _SAME_NAME:
