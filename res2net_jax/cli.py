@@ -14,12 +14,16 @@ input pipeline does not run, so they are turned off; TensorFlow's warnings and e
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from res2net_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from res2net_jax.inference import DataConfig
 
 
 def quiet_startup() -> None:
@@ -67,25 +71,38 @@ def run(main: Callable[[list[str]], Any], **app_run_kwargs: Any) -> None:
     app.run(guarded, **app_run_kwargs)
 
 
+class LoadedWeights(NamedTuple):
+    """What a --weights path holds, with what it says about itself."""
+
+    model: str  # the registered model name
+    overrides: dict[str, Any]  # architecture fields beyond the registered model's
+    variables: Any  # Flax variables
+    class_names: list[str] | None
+    data_config: DataConfig | None  # the evaluation transform a run used or a pretrained config names
+
+
 def load_weights(
     weights: str, model: str | None, num_classes: int | None = None, reset_head: bool = False, ema: bool = False
-) -> tuple[str, dict[str, Any], Any, list[str] | None]:
-    """(model name, architecture overrides, Flax variables, class names or None) for a --weights path.
+) -> LoadedWeights:
+    """The model, overrides, variables, class names and evaluation transform of a --weights path.
 
-    A training run (WORKDIR, WORKDIR/best, ...) names its own model, overrides and class names, and so
-    do published weights (a registered name or hf-hub:ORG/REPO) and directories in timm's format
-    (`save_pretrained`): --model may be left out; any other weights need --model.
+    A training run (WORKDIR, WORKDIR/best, ...) names its own model, overrides, class names and image
+    size and crop, and so do published weights (a registered name or hf-hub:ORG/REPO) and directories
+    in timm's format (`save_pretrained`, its pretrained_cfg): --model may be left out; any other
+    weights need --model, and name no classes or transform.
     """
     from res2net_jax import convert, pretrained, weight_files, workdir
     from res2net_jax.errors import InvalidInputError
+    from res2net_jax.inference import DataConfig
     from res2net_jax.registry import get_spec
 
     source = workdir.locate(weights)
     overrides: dict[str, Any] = {}
-    names = None
+    names, data_config = None, None
     if pretrained.is_pretrained_id(weights) or pretrained.is_pretrained_dir(weights):
         found = pretrained.resolve(weights)
         weights, model, overrides, names = found.weights, model or found.model, found.overrides, found.class_names
+        data_config = found.data_config
         if model is None:
             raise InvalidInputError(f"{weights} does not say which model it holds: name it with --model")
     elif source is not None:
@@ -93,9 +110,14 @@ def load_weights(
         if model is not None and get_spec(model).name != run.model:  # runs record the canonical name
             raise InvalidInputError(f"{weights} holds a {run.model}, not a {model}: leave out --model")
         model, overrides, names = run.model, run.model_overrides, run.class_names
+        settings_path = os.path.join(source.root, workdir.CONFIG)
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                settings = json.load(f)
+            data_config = DataConfig(settings["image_size"], settings["crop_pct"])
     elif model is None:
         raise InvalidInputError(f"name the model of {weights} with --model (only a training workdir says it itself)")
     variables = weight_files.load_variables(weights, model, num_classes, reset_head, overrides=overrides, ema=ema)
     if names is not None and len(names) != convert.num_classes_of(variables):
         names = None  # a new head: the run's class names no longer apply
-    return model, overrides, variables, names
+    return LoadedWeights(model, overrides, variables, names, data_config)

@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
         raise InvalidInputError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     out = new_output_path(_OUT.value)  # refused before any work
-    name, overrides, variables, class_names = cli.load_weights(
+    name, overrides, variables, class_names, _ = cli.load_weights(
         _WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _RESET_HEAD.value, _EMA.value
     )
     if _FORMAT.value == "torch":

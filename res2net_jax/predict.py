@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 
 from res2net_jax import cli
@@ -26,7 +25,6 @@ cli.quiet_startup()  # before anything imports TensorFlow
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from res2net_jax import pretrained, workdir  # noqa: E402
 from res2net_jax.convert import num_classes_of  # noqa: E402
 from res2net_jax.errors import InvalidInputError  # noqa: E402
 from res2net_jax.inference import DataConfig, center_crop, imagenet_classes, load_image, make_predict_fn  # noqa: E402
@@ -49,32 +47,17 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per compiled batch 
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json", "csv"], "Output: readable text, JSON or CSV.")
 
 
-def _data_config(weights: str, model_name: str) -> DataConfig:
-    """The evaluation transform: a training workdir's (its image size and crop), a pretrained directory's
-    or hub repo's (config.json's pretrained_cfg), else the registered model's defaults."""
-    source = workdir.locate(weights)
-    settings_path = os.path.join(source.root, workdir.CONFIG) if source else ""
-    if os.path.exists(settings_path):
-        with open(settings_path) as f:
-            settings = json.load(f)
-        return DataConfig(settings["image_size"], settings["crop_pct"])
-    if pretrained.is_pretrained_id(weights) or pretrained.is_pretrained_dir(weights):
-        data_config = pretrained.resolve(weights).data_config
-        if data_config is not None:
-            return data_config
-    spec = get_spec(model_name)
-    return DataConfig(spec.input_size, spec.crop_pct, spec.mean, spec.std)
-
-
 def main(argv: list[str]) -> None:
     """Classifies each image named on the command line."""
     logging.set_verbosity(logging.WARNING)
     paths = argv[1:]
     if not paths:
         raise InvalidInputError("name at least one image file to classify")
-    name, overrides, variables, names = cli.load_weights(_WEIGHTS.value, _MODEL.value, ema=_EMA.value)
+    name, overrides, variables, names, data = cli.load_weights(_WEIGHTS.value, _MODEL.value, ema=_EMA.value)
     model = create_model(name, num_classes=num_classes_of(variables), **overrides)
-    data = _data_config(_WEIGHTS.value, name)
+    if data is None:  # weights that name no transform: the model's defaults
+        spec = get_spec(name)
+        data = DataConfig(spec.input_size, spec.crop_pct, spec.mean, spec.std)
     # Crops come from the host at input_size: the compiled function does not resample them.
     top_k = min(_TOP_K.value, model.num_classes)
     predict = make_predict_fn(model, variables, top_k, data.input_size, crop_pct=1.0, mean=data.mean, std=data.std)

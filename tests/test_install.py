@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,7 +67,13 @@ def test_core_install_loads_and_predicts_without_tensorflow(tmp_path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", ROOT],
+    # From a copy of what the package is built from: building in the checkout would leave build/ there.
+    source = tmp_path / "source"
+    shutil.copytree(os.path.join(ROOT, "res2net_jax"), source / "res2net_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source)],
                              capture_output=True, text=True, timeout=900)  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
