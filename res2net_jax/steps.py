@@ -118,12 +118,17 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
     return tx
 
 
+def is_frozen(path: tuple[str, ...], pattern: str) -> bool:
+    """Whether config.freeze's `pattern` is found in a parameter's path, joined by '/' ('layer1_0/bn1/scale')."""
+    return re.search(pattern, "/".join(path)) is not None
+
+
 def frozen_labels(params: Any, pattern: str) -> Any:
     """'frozen' where `pattern` is found in a parameter's path ('layer1_0/bn1/scale'), else 'train'.
 
     A pattern that freezes nothing, or everything, is an error: it is surely not what was meant."""
     labels = flax.traverse_util.path_aware_map(
-        lambda path, _: "frozen" if re.search(pattern, "/".join(path)) else "train", params
+        lambda path, _: "frozen" if is_frozen(path, pattern) else "train", params
     )
     kinds = set(jax.tree.leaves(labels))
     if kinds != {"frozen", "train"}:
@@ -143,7 +148,7 @@ def frozen_bn(pattern: str) -> Callable[..., Any]:
         if (
             isinstance(module, BatchNorm)
             and context.method_name == "__call__"
-            and re.search(pattern, "/".join((*module.path, "scale")))
+            and is_frozen((*module.path, "scale"), pattern)
         ):
             kwargs = {**kwargs, "train": False}
             args = args[:1]
