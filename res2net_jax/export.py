@@ -15,7 +15,8 @@ EMA weights), which names its own model, so --model may be left out, or any file
 the inference function (normalised NHWC float32 images of --image_size, any batch size -> logits;
 see `res2net_jax.deploy` and `res2net_jax.onnx_export`). An existing --out is never overwritten, and
 the output appears under its name only once complete. pretrained writes what
-`res2net_jax.save_pretrained` writes (timm's format, with a run's class names and architecture), which
+`res2net_jax.save_pretrained` writes (timm's format, with a run's class names, architecture and
+evaluation size and crop), which
 `hf upload ORG/REPO DIR` publishes and `from_pretrained`, predict and timm read.
 """
 
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> None:
         raise InvalidInputError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     out = new_output_path(_OUT.value)  # refused before any work
-    name, overrides, variables, class_names, _ = cli.load_weights(
+    name, overrides, variables, class_names, data_config = cli.load_weights(
         _WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _RESET_HEAD.value, _EMA.value
     )
     if _FORMAT.value == "torch":
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> None:
     elif _FORMAT.value == "mindspore":
         weight_files.to_mindspore(variables, name, out, overrides)
     elif _FORMAT.value == "pretrained":
-        pretrained.save_pretrained(out, name, variables, class_names, overrides)
+        pretrained.save_pretrained(out, name, variables, class_names, overrides, data_config)
     elif _FORMAT.value in _DEPLOY:
         model = create_model(name, num_classes=convert.num_classes_of(variables), **overrides)
         image_size = _IMAGE_SIZE.value or get_spec(name).input_size

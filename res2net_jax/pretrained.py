@@ -210,12 +210,15 @@ def save_pretrained(
     variables: dict,
     class_names: Sequence[str] | None = None,
     overrides: dict[str, Any] | None = None,
+    data_config: DataConfig | None = None,
 ) -> None:
     """Writes `variables` of `model_name` as timm's `save_for_hf` does: `model.safetensors` in timm's key
     names and `config.json` (architecture, num_classes, label names, pretrained_cfg with the
-    preprocessing; `model_args` with architecture `overrides`, in timm's names). An existing `directory`
-    is never overwritten; nothing is left under its name if writing fails."""
+    preprocessing: `data_config`, by default the model's; `model_args` with architecture `overrides`,
+    in timm's names). An existing `directory` is never overwritten; nothing is left under its name if
+    writing fails."""
     spec = get_spec(model_name)
+    data = data_config or DataConfig(spec.input_size, spec.crop_pct, spec.mean, spec.std)
     model_args = to_model_args(spec.name, overrides or {})
     num_classes = convert.num_classes_of(variables)
     if class_names is not None and len(class_names) != num_classes:
@@ -230,12 +233,12 @@ def save_pretrained(
         **({"model_args": model_args} if model_args else {}),
         **({"label_names": list(class_names)} if class_names is not None else {}),
         "pretrained_cfg": {
-            "input_size": [model.in_chans, spec.input_size, spec.input_size],
-            "interpolation": "bilinear",
-            "crop_pct": spec.crop_pct,
+            "input_size": [model.in_chans, data.input_size, data.input_size],
+            "interpolation": data.interpolation,
+            "crop_pct": data.crop_pct,
             "crop_mode": "center",
-            "mean": list(spec.mean),
-            "std": list(spec.std),
+            "mean": list(data.mean),
+            "std": list(data.std),
             "num_classes": num_classes,
             "first_conv": convert.first_conv_key(spec.name).removesuffix(".weight"),
             "classifier": "fc",
@@ -254,6 +257,7 @@ def push_to_hub(
     variables: dict,
     class_names: Sequence[str] | None = None,
     overrides: dict[str, Any] | None = None,
+    data_config: DataConfig | None = None,
     private: bool = False,
     token: str | None = None,
     commit_message: str = "Upload res2net_jax weights",
@@ -264,6 +268,6 @@ def push_to_hub(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as scratch:
         directory = os.path.join(scratch, "model")
-        save_pretrained(directory, model_name, variables, class_names, overrides)
+        save_pretrained(directory, model_name, variables, class_names, overrides, data_config)
         api.create_repo(repo_id, private=private, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message).commit_url

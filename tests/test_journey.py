@@ -88,6 +88,13 @@ def test_every_export_of_the_run_gives_its_logits(where: str, trained: str, tmp_
         reference = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
         got["timm"] = reference(torch.from_numpy(_images().transpose(0, 3, 1, 2))).numpy()
     assert reference.pretrained_cfg["label_names"] == ["class0", "class1", "class2", "class3"]
+    # It carries the run's evaluation transform too: predict reads the directory as it reads the run.
+    image = str(tmp_path / "x.png")
+    Image.fromarray((np.random.RandomState(1).rand(40, 30, 3) * 255).astype(np.uint8)).save(image)
+    from_run = _module("res2net_jax.predict", f"--weights={source}", "--format=json", image)
+    from_directory = _module("res2net_jax.predict", f"--weights={tmp_path / 'hf'}", "--format=json", image)
+    assert from_run.returncode == 0 and from_directory.returncode == 0, from_directory.stderr[-3000:]
+    assert json.loads(from_directory.stdout) == json.loads(from_run.stdout)
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
