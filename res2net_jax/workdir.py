@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from res2net_jax.errors import InvalidInputError, UserError
+from res2net_jax.errors import InvalidInputError, MissingFileError, UserError
 
 CHECKPOINTS, BEST, DAMAGED = "checkpoints", "best", "damaged"
 CONFIG, METRICS, LOCK, CLASSES = "config.json", "metrics.jsonl", ".lock", "classes.txt"
@@ -358,12 +358,22 @@ class RunInfo:
     class_names: list[str] | None
 
 
+def _newest_first(source: Source, manager: ocp.CheckpointManager) -> list[int]:
+    """The step `source` names, else every step of its directory, newest first; none is one line."""
+    if source.step is not None:
+        return [source.step]
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:  # WORKDIR/best of a run stopped before its first evaluation, say
+        raise MissingFileError(f"{source.directory} holds no checkpoint yet: train further, or name another one")
+    return steps
+
+
 def describe(source: Source) -> RunInfo:
     """The model, architecture overrides, class count and class names of the run `source` is in, from
     the metadata its checkpoints carry and WORKDIR/classes.txt."""
     manager = _manager(source.directory, "read")
     try:
-        steps = [source.step] if source.step is not None else sorted(manager.all_steps(), reverse=True)
+        steps = _newest_first(source, manager)
         for step in steps:
             try:
                 meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -400,7 +410,7 @@ def read_variables(path: str | os.PathLike, ema: bool = False) -> dict[str, Any]
     reasons = []
     with _quiet_failed_reads():
         try:
-            steps = [source.step] if source.step is not None else sorted(manager.all_steps(), reverse=True)
+            steps = _newest_first(source, manager)
             for step in steps:
                 try:
                     shapes = manager.item_metadata(step)["state"]

@@ -174,6 +174,19 @@ def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
         weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)
 
 
+def test_a_run_stopped_before_its_first_evaluation_has_no_best_checkpoint_yet(finished_run: str, tmp_path) -> None:
+    """WORKDIR/best exists, empty, until the first evaluation: predict says so in one line."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    shutil.rmtree(workdir / "best")
+    (workdir / "best").mkdir()
+    image = str(tmp_path / "x.png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    done = subprocess.run([sys.executable, "-m", "res2net_jax.predict", f"--weights={workdir}/best", image],
+                          cwd=ROOT, env=env(1), capture_output=True, text=True)  # fmt: skip
+    assert_one_line_error(done, f"{workdir}/best holds no checkpoint yet: train further, or name another one")
+
+
 # --- 4. Two runs in one workdir ---------------------------------------------------------------
 
 
