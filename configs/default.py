@@ -34,7 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.cutmix_alpha = 0.0
     config.mix_switch_prob = 0.5  # with both, the chance of cutmix
     config.label_smoothing = 0.1
-    config.shuffle_buffer = 16_384
 
     # Optimisation. batch_size is global (all devices of all hosts) and per pass; steps count updates.
     config.batch_size = 256

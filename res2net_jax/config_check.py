@@ -86,7 +86,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cutmix_alpha": _at_least(0),
     "mix_switch_prob": _fraction(),
     "label_smoothing": _fraction(upper_open=True),
-    "shuffle_buffer": _integer(1),
     "batch_size": _integer(1),
     "eval_batch_size": _integer(1),
     "num_epochs": _integer(1),

@@ -1,20 +1,24 @@
 """TFDS input pipelines for training and evaluation: deterministic, resumable, sharded per host.
 
-Every random choice of an example's augmentation is a stateless function of (seed, epoch, position
-in the epoch), and each epoch's order is a fixed function of (seed, epoch); batch `b` of epoch `e` is
-therefore the same in every run, on any number of hosts, and a restarted run re-reads exactly what
-it would have seen. Each host decodes only its own slice of every global batch.
+Every random choice of an example's augmentation is a stateless function of (seed, epoch, example
+index), and each epoch's order is a permutation of the split that depends only on (seed, epoch);
+batch `b` of epoch `e` is therefore the same in every run, on any number of hosts, and a restarted run
+re-reads exactly what it would have seen. Examples are read by index (TFDS datasets as ArrayRecord
+files, image folders file by file), so each host reads and decodes only its own slice of every global
+batch, and a resumed run reads nothing before its first batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
+import shutil
+import socket
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import ml_collections
 import numpy as np
@@ -27,6 +31,8 @@ from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.steps import update_batch_size
 
 FOLDER_PREFIX = "folder:"
+RANDOM_ACCESS_FORMAT = "array_record"  # the TFDS file format that reads an example by its index
+DATASET_INFO = "dataset_info.json"  # a prepared TFDS dataset's description, file format included
 _MANUAL_DATASETS = {"imagenet2012", "imagenet2012_subset", "imagenet2012_real"}
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")  # as image-net.org ships them
 
@@ -77,8 +83,10 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         raise InvalidInputError(
             f"unknown dataset {name!r}.{hint} Use a TFDS image-classification name or folder:/path/to/images"
         )
-    builder = tfds.builder(name, data_dir=config.get("data_dir") or None)
+    data_dir = config.get("data_dir") or None
+    builder = tfds.builder(name, data_dir=data_dir)
     if not _is_prepared(builder):
+        builder = tfds.builder(name, data_dir=data_dir, file_format=RANDOM_ACCESS_FORMAT)
         download_config = None
         if base_name in _MANUAL_DATASETS:
             manual_dir = os.path.join(builder.data_dir_root, "downloads", "manual")
@@ -93,7 +101,72 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         if not sys.stderr.isatty():  # TFDS's progress bars print raw escape sequences into a log
             tfds.disable_progress_bar()
         builder.download_and_prepare(download_config=download_config)
-    return builder
+    return _read_by_index(builder)
+
+
+def _read_by_index(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+    """A builder that reads `builder`'s examples by index, from ArrayRecord files: `builder` itself when
+    its files are ArrayRecord (as get_builder prepares datasets).
+
+    A dataset prepared as TFRecord (by another TFDS program, or by this project's releases before
+    examples were read by index) is copied once into an `array_record/` directory inside its own, a
+    TFDS dataset directory of its own (TFDS's layout for a converted dataset), and read from there; its
+    TFRecord files stay as they were, for other programs. Each file of the copy is written under a
+    name of its own process and renamed when complete, and the copy's dataset_info.json last, so an
+    interrupted copy resumes where it stopped, and the hosts of a run that start it together each
+    write whole files (the same ones).
+    """
+    info = builder.info
+    if info.file_format.value == RANDOM_ACCESS_FORMAT:
+        return builder
+    source = os.fspath(builder.data_dir)
+    copy = os.path.join(source, RANDOM_ACCESS_FORMAT)
+    if not os.path.exists(os.path.join(copy, DATASET_INFO)):
+        if info.file_format.value != "tfrecord":
+            raise InvalidInputError(
+                f"{info.full_name} in {source} is stored as {info.file_format.value}: prepare it again "
+                "in another --config.data_dir, where it is written as ArrayRecord"
+            )
+        try:
+            _copy_to_array_record(builder, copy)
+        except OSError as err:
+            raise InvalidInputError(
+                f"cannot write ArrayRecord copies of {info.full_name} in {copy} ({err.strerror or err}): "
+                "give this user write access there, or copy the dataset to a writable --config.data_dir"
+            ) from None
+    return tfds.builder_from_directory(copy)
+
+
+def _copy_to_array_record(builder: tfds.core.DatasetBuilder, copy: str) -> None:
+    """Writes the ArrayRecord copy of a TFRecord dataset (`_read_by_index`) into directory `copy`."""
+    info, source = builder.info, os.fspath(builder.data_dir)
+    files = []
+    for split in info.splits.values():
+        template = split.filename_template.replace(data_dir=copy, filetype_suffix=RANDOM_ACCESS_FORMAT)
+        files += zip(split.filepaths, split.replace(filename_template=template).filepaths, strict=True)
+    missing = [(tfrecord, target) for tfrecord, target in files if not target.exists()]
+    if missing:
+        print(f"copying {len(missing)} of {info.full_name}'s TFRecord files to ArrayRecord files in {copy}, once, "
+              "so that each host reads only the examples it uses", flush=True)  # fmt: skip
+    os.makedirs(copy, exist_ok=True)
+    adapter = tfds.core.file_adapters.ADAPTER_FOR_FORMAT[tfds.core.file_adapters.FileFormat.ARRAY_RECORD]
+    own = f"partial-{socket.gethostname()}-{os.getpid()}"
+    for tfrecord, target in missing:
+        partial = target.parent / f"{target.name}.{own}"
+        records = tf.data.TFRecordDataset(os.fspath(tfrecord), buffer_size=8 << 20).as_numpy_iterator()
+        adapter.write_examples(partial, enumerate(records))
+        partial.replace(target)
+    for name in os.listdir(source):  # features.json, label files: the dataset's metadata
+        if name != DATASET_INFO and name.endswith((".json", ".txt")):
+            shutil.copyfile(os.path.join(source, name), os.path.join(copy, f"{name}.{own}"))
+            os.replace(os.path.join(copy, f"{name}.{own}"), os.path.join(copy, name))
+    with open(os.path.join(source, DATASET_INFO)) as f:
+        settings = json.load(f)
+    settings["fileFormat"] = RANDOM_ACCESS_FORMAT
+    settings.pop("alternativeFileFormats", None)
+    with open(os.path.join(copy, f"{DATASET_INFO}.{own}"), "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(os.path.join(copy, f"{DATASET_INFO}.{own}"), os.path.join(copy, DATASET_INFO))
 
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
@@ -111,6 +184,9 @@ def dataset_info(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
     for split in (train_split, eval_split):
         if split.split("[")[0] not in splits:
             raise InvalidInputError(f"{config.dataset} has no split {split!r}; it has {', '.join(splits)}")
+        if "[" in split and isinstance(builder, tfds.folder_dataset.ImageFolder):
+            raise InvalidInputError(f"an image folder's split is a whole directory: {split!r} cannot be sliced; "
+                                    "move the images to keep into a directory of their own")  # fmt: skip
     label = builder.info.features["label"]
     return DatasetInfo(
         num_classes=label.num_classes,
@@ -289,16 +365,57 @@ def preprocess_eval(image_bytes: tf.Tensor, config: ml_collections.ConfigDict) -
 # --- Datasets ---------------------------------------------------------------------------------
 
 
-def _read(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
-    options = tf.data.Options()
-    options.deterministic = True
-    read_config = tfds.ReadConfig(options=options, interleave_cycle_length=1)
-    return builder.as_dataset(
-        split=split,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        shuffle_files=False,
-        read_config=read_config,
+def _reader(builder: tfds.core.DatasetBuilder, split: str) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    """A function from example indices of `split` (int64) to their encoded images and labels that reads
+    those examples and no others: records of the split's ArrayRecord files, parsed by TensorFlow, or
+    an image folder's files. Python touches only the record reads, so tf.data's threads run in parallel."""
+    if isinstance(builder, tfds.folder_dataset.ImageFolder):
+        examples = builder._split_examples[split]  # ImageFolder's (path, class) list; TFDS has no public accessor
+        paths = tf.constant([example.image_path for example in examples])
+        names = builder.info.features["label"]
+        labels = tf.constant([names.str2int(example.label) for example in examples], tf.int64)
+
+        def read_files(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            images = tf.map_fn(tf.io.read_file, tf.gather(paths, indices), fn_output_signature=tf.string)
+            return images, tf.gather(labels, indices)
+
+        return read_files
+    source = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    serialized = builder.info.features.get_serialized_info()
+    spec = {key: tf.io.FixedLenFeature(serialized[key].shape, serialized[key].tf_dtype) for key in ("image", "label")}
+
+    def read_records(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def read(keys: np.ndarray) -> np.ndarray:
+            records = np.empty(len(keys), object)
+            records[:] = [source[key] for key in keys.tolist()]  # faster than its thread pool (__getitems__)
+            return records
+
+        records = tf.ensure_shape(tf.numpy_function(read, [indices], tf.string, stateful=False), [None])
+        example = tf.io.parse_example(records, spec)
+        return example["image"], example["label"]
+
+    return read_records
+
+
+def _examples(builder: tfds.core.DatasetBuilder, split: str, indices: np.ndarray, chunk: int) -> tf.data.Dataset:
+    """(index, encoded image, label) of the examples `indices` of `split`, in that order, read `chunk`
+    at a time on tf.data's threads."""
+    read = _reader(builder, split)
+
+    def fetch(positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return positions, *read(positions)
+
+    ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64)).batch(chunk)
+    return ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+
+
+def epoch_order(positions: np.ndarray, num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The index of the example at each of `positions` of epoch `epoch`: a permutation of the split's
+    `num_examples` that depends only on (seed, epoch), computed for the asked positions alone."""
+    order = tf.random.experimental.index_shuffle(
+        positions.astype(np.int64), seed=tf.constant([seed, epoch], tf.int64), max_index=num_examples - 1
     )
+    return order.numpy()
 
 
 def train_dataset(
@@ -316,23 +433,24 @@ def train_dataset(
     B = the examples of one update (batch_size x grad_accum_steps) / process_count; 'index' is the
     example's position in the split, which with 'epoch' seeds its augmentation on the device
     (`augment.augment_batch`). The epoch ends after num_train // (B x process_count) full batches.
+    Global batch b holds positions [b G, (b + 1) G) of the epoch's order (`epoch_order`), and this host
+    reads only its part of each.
     """
     global_batch = update_batch_size(config)
     local_batch = global_batch // process_count
     epoch_seed = config.seed * 1_000_003 + epoch
-    ds = _read(builder, info.train_split).enumerate()
-    ds = ds.shuffle(min(info.num_train, config.shuffle_buffer), seed=epoch_seed, reshuffle_each_iteration=False)
-    ds = ds.batch(global_batch, drop_remainder=True).skip(start_batch)
-    lo, hi = process_index * local_batch, (process_index + 1) * local_batch
-    ds = ds.map(lambda i, ex: (i[lo:hi], {"image": ex["image"][lo:hi], "label": ex["label"][lo:hi]}))
-    ds = ds.unbatch()
+    batches = np.arange(start_batch, info.num_train // global_batch)
+    mine = np.arange(process_index * local_batch, (process_index + 1) * local_batch)
+    positions = (batches[:, None] * global_batch + mine[None, :]).reshape(-1)
+    indices = epoch_order(positions, info.num_train, config.seed, epoch)
 
-    def prepare(index: tf.Tensor, example: dict) -> dict:
+    def prepare(index: tf.Tensor, image: tf.Tensor, label: tf.Tensor) -> dict:
         seed = tf.stack([tf.constant(epoch_seed, tf.int64), index])
-        image = preprocess_train(example["image"], seed, config)
-        label, position = tf.cast(example["label"], tf.int32), tf.cast(index, tf.int32)
+        image = preprocess_train(image, seed, config)
+        label, position = tf.cast(label, tf.int32), tf.cast(index, tf.int32)
         return {"image": image, "label": label, "epoch": tf.constant(epoch, tf.int32), "index": position}
 
+    ds = _examples(builder, info.train_split, indices, local_batch)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
@@ -355,17 +473,18 @@ def eval_dataset(
     Padding examples carry mask 0, so metrics count every real example exactly once.
     """
     local_batch = config.eval_batch_size // process_count
-    count = len(range(process_index, info.num_eval, process_count))
 
-    def prepare(example: dict) -> dict:
-        image = preprocess_eval(example["image"], config)
-        return {"image": image, "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(1.0)}
+    def prepare(index: tf.Tensor, image: tf.Tensor, label: tf.Tensor) -> dict:
+        del index
+        image = preprocess_eval(image, config)
+        return {"image": image, "label": tf.cast(label, tf.int32), "mask": tf.constant(1.0)}
 
-    ds = _read(builder, info.eval_split).shard(process_count, process_index)
+    indices = np.arange(process_index, info.num_eval, process_count)
+    ds = _examples(builder, info.eval_split, indices, local_batch)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     size = config.image_size
     padding = {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0), "mask": tf.constant(0.0)}
-    pad_count = eval_steps(info, config, process_count) * local_batch - count
+    pad_count = eval_steps(info, config, process_count) * local_batch - len(indices)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad_count))
     return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

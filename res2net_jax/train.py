@@ -258,7 +258,8 @@ def _open_workdir(config: ml_collections.ConfigDict, info: input_pipeline.Datase
         return None
     os.makedirs(workdir, exist_ok=True)
     held = run_dir.lock(workdir)
-    run_dir.check_settings(workdir, _settings(config))
+    for field in run_dir.check_settings(workdir, _settings(config)):
+        print(f"{workdir}'s run set config.{field}, which this release no longer has: it resumes without it")
     run_dir.write_class_names(workdir, list(info.class_names))
     return held
 

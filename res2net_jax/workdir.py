@@ -85,32 +85,35 @@ def lock(workdir: str) -> Any:
 # --- Settings -----------------------------------------------------------------------------------
 
 
-def check_settings(workdir: str, settings: Mapping[str, Any]) -> None:
+def check_settings(workdir: str, settings: Mapping[str, Any]) -> list[str]:
     """Refuses settings that make another run than the one in the workdir, then records them.
 
     `settings` are the config as JSON values. Once the workdir holds a checkpoint or a metrics line,
     its fields outside RESUMABLE_FIELDS must equal those of WORKDIR/config.json. (A run that left no
     config.json, from before it was written, is checked against its checkpoints' metadata instead.)
+    Returns the recorded fields that are no longer settings (retired by a later release), which the
+    run resumes without.
     """
     path = os.path.join(workdir, CONFIG)
     settings = json.loads(json.dumps(dict(settings)))
+    retired = []
     if has_run(workdir):
         if not os.path.exists(path):
-            return
+            return retired
         try:
             with open(path) as f:
                 recorded = json.load(f)
         except (OSError, ValueError) as err:
             raise InvalidInputError(f"{path} is unreadable ({err}): restore it, or use another --workdir") from None
-        changed = sorted(
-            k for k in set(recorded) | set(settings) if k not in RESUMABLE_FIELDS and recorded.get(k) != settings.get(k)
-        )
+        retired = sorted(set(recorded) - set(settings))
+        changed = sorted(k for k in settings if k not in RESUMABLE_FIELDS and recorded.get(k) != settings[k])
         if changed:
             detail = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in changed[:6])
             raise InvalidInputError(
                 f"{workdir} holds another run ({detail}): use a new --workdir, or its settings to resume it"
             )
     _write_json_atomically(path, settings)
+    return retired
 
 
 def _write_text_atomically(path: str, text: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -11,6 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import torch
 import torchvision.transforms.functional as tvf
+from launch import ROOT, env
 from PIL import Image
 from timm.data import create_transform
 
@@ -73,6 +76,95 @@ def test_train_batches_are_reproducible_resumable_and_split_over_hosts(digits_di
     assert set(counts) == set(range(10)) and min(counts.values()) > 100
 
 
+def _recorded_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The example indices the pipelines read from storage from now on (a list that fills as they read)."""
+    reads: list[int] = []
+    make_reader = input_pipeline._reader
+
+    def reader(builder: tfds.core.DatasetBuilder, split: str):
+        read = make_reader(builder, split)
+
+        def record(indices: np.ndarray) -> np.ndarray:
+            reads.extend(indices.tolist())
+            return indices
+
+        def recorded(indices: tf.Tensor):
+            return read(tf.ensure_shape(tf.numpy_function(record, [indices], tf.int64), [None]))
+
+        return recorded
+
+    monkeypatch.setattr(input_pipeline, "_reader", reader)
+    return reads
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_each_host_reads_only_the_examples_it_decodes(digits_dir: str, monkeypatch, process_count: int) -> None:
+    config = _config(digits_dir)
+    builder = input_pipeline.get_builder(config)
+    info = input_pipeline.dataset_info(builder, config)
+    whole = _batches(input_pipeline.train_dataset(builder, info, config, 1, 0, 0, 1))
+    reads = _recorded_reads(monkeypatch)
+    local = 16 // process_count
+    for host in range(process_count):
+        reads.clear()
+        batches = _batches(input_pipeline.train_dataset(builder, info, config, 1, 0, host, process_count))
+        decoded = np.concatenate([batch["index"] for batch in batches])
+        mine = np.concatenate([batch["index"][host * local : (host + 1) * local] for batch in whole])
+        np.testing.assert_array_equal(decoded, mine)  # its slice of each global batch of one host's run
+        assert sorted(reads) == sorted(decoded.tolist())  # read once each, and nothing else
+        reads.clear()
+        _batches(input_pipeline.eval_dataset(builder, info, config, host, process_count))
+        assert sorted(reads) == list(range(host, info.num_eval, process_count))
+    reads.clear()  # a resumed epoch reads nothing before its first batch
+    resumed = _batches(input_pipeline.train_dataset(builder, info, config, 1, 85, 0, 1))
+    assert sorted(reads) == sorted(np.concatenate([b["index"] for b in resumed]).tolist())
+    assert len(reads) == (len(whole) - 85) * 16
+
+
+def test_a_tfrecord_dataset_is_read_from_arrayrecord_copies_made_once(tmp_path, monkeypatch, capsys) -> None:
+    from res2net_jax import digits
+
+    digits.SklearnDigits(data_dir=str(tmp_path)).download_and_prepare()  # TFRecord files, TFDS's default
+    skip = {"image": tfds.decode.SkipDecoding()}
+    reference = tfds.builder("sklearn_digits", data_dir=str(tmp_path)).as_dataset(split="train", decoders=skip)
+    expected = list(tfds.as_numpy(reference))  # TFDS's own TFRecord reader, in the files' order
+
+    def read_all() -> None:
+        builder = input_pipeline.get_builder(_config(str(tmp_path)))
+        images, labels = input_pipeline._reader(builder, "train")(tf.range(len(expected), dtype=tf.int64))
+        assert images.numpy().tolist() == [example["image"] for example in expected]
+        assert labels.numpy().tolist() == [example["label"] for example in expected]
+
+    # The hosts of a multi-host run, each starting the copy at once: each writes whole files.
+    script = ("from configs import quickstart; from res2net_jax import input_pipeline; "
+              f"config = quickstart.get_config(); config.data_dir = {str(tmp_path)!r}; "
+              "input_pipeline.get_builder(config)")  # fmt: skip
+    hosts = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env(1), stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outputs = [host.communicate(timeout=300)[0] for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0]
+    assert any("copying 2 of sklearn_digits/1.0.0's TFRecord files to ArrayRecord files" in out for out in outputs)
+    read_all()
+    assert "copying" not in capsys.readouterr().out  # once
+    assert tfds.builder("sklearn_digits", data_dir=str(tmp_path)).info.file_format.value == "tfrecord"
+    # A copy interrupted while writing the train file (a partial file, no dataset_info.json yet) resumes.
+    copy = tmp_path / "sklearn_digits" / "1.0.0" / "array_record"
+    (copy / "dataset_info.json").unlink()
+    train = next(copy.glob("*-train.array_record-*"))
+    train.rename(train.with_name(train.name + ".partial"))
+    read_all()
+    assert "copying 1 of sklearn_digits/1.0.0's TFRecord files" in capsys.readouterr().out
+    (copy / "dataset_info.json").unlink()
+    train.unlink()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tfds.core.file_adapters.ArrayRecordFileAdapter, "write_examples", refuse)
+    with pytest.raises(ValueError, match=r"cannot write ArrayRecord copies of .*Permission denied.*writable --config"):
+        input_pipeline.get_builder(_config(str(tmp_path)))
+
+
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_covers_the_whole_split_once(digits_dir: str, process_count: int) -> None:
     config = _config(digits_dir)
@@ -85,7 +177,10 @@ def test_eval_covers_the_whole_split_once(digits_dir: str, process_count: int) -
         assert len(batches) == steps  # every host runs the same number of steps
         for batch in batches:
             labels.extend(batch["label"][batch["mask"] > 0].tolist())
-    expected = [int(x["label"]) for x in tfds.as_numpy(builder.as_dataset(split="test"))]
+    expected = [
+        int(x["label"])
+        for x in tfds.as_numpy(tfds.builder("sklearn_digits", data_dir=digits_dir).as_dataset(split="test"))
+    ]
     assert sorted(labels) == sorted(expected) and len(labels) == 355
 
 
@@ -139,6 +234,8 @@ def test_image_folder_dataset(tmp_path) -> None:
     assert len(_batches(input_pipeline.train_dataset(builder, info, config, 0, 0, 0, 1))) == 3
     eval_batches = _batches(input_pipeline.eval_dataset(builder, info, config, 0, 1))
     assert sum(float(b["mask"].sum()) for b in eval_batches) == 6
+    with pytest.raises(ValueError, match=r"'train\[:50%\]' cannot be sliced"):
+        input_pipeline.dataset_info(builder, _config("", dataset=f"folder:{tmp_path}", train_split="train[:50%]"))
 
 
 def test_dataset_errors_say_what_to_do(tmp_path) -> None:
