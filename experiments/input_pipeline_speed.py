@@ -16,8 +16,9 @@ Both read the same JPEGs (without --dataset, --images synthetic ones of ImageNet
 500 x 375, in an image folder), on the same cores. Each (side, pipeline) runs in its own process,
 alternated over --rounds so that noise shows as a spread. Reports img/s, img/s per core and the bytes
 per image handed to the accelerator; `stages` times each of this project's host operations alone, on
-one core, over the same images (where the time goes). A GPU step of N img/s needs a host that feeds
-N img/s: compare the two figures.
+one core, over the same images (where the time goes); `reads` times the read stage alone as host 0 of
+1, 2, 4 and 8 hosts, with the records and bytes each host reads per epoch. A GPU step of N img/s needs
+a host that feeds N img/s: compare the two figures.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Output height and width."
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternations of the two sides.")
 _SIDES = flags.DEFINE_list("sides", ["jax", "timm"], "Which sides to time: jax, timm.")
 _STAGES = flags.DEFINE_bool("stages", True, "Also time each of this project's host operations alone.")
+_READS = flags.DEFINE_bool("reads", True, "Also time the read stage alone, as host 0 of 1, 2, 4 and 8 hosts.")
 _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: time one side 'SIDE:ROOT' and print JSON.")
 PACKAGES = ("tensorflow-cpu", "tensorflow-datasets", "torch", "torchvision", "timm", "pillow", "numpy")
@@ -175,7 +177,86 @@ def _stages(root: str) -> dict[str, float]:
     return figures
 
 
-_SIDE = {"jax": _jax, "timm": _timm, "stages": _stages}
+HOST_COUNTS = (1, 2, 4, 8)
+
+
+def _reads(root: str) -> dict[str, Any]:
+    """The read stage alone (records out of storage, no decoding), as host 0 of N hosts, over the train
+    split's JPEGs stored as a TFDS dataset: records/s, seconds and bytes read per host per epoch.
+
+    `by_index`: this project's reads (ArrayRecord files, only this host's slice of each global batch,
+    in the epoch's permutation). `whole_split`: the read stage before per-host reads, for comparison:
+    every host read every record of the TFRecord files in order through a 16,384-example shuffle
+    buffer, batched globally and kept its slice, so its cost does not fall with N. `copy_s`: the one-time
+    ArrayRecord copy of the TFRecord files (`input_pipeline.get_builder`)."""
+    from res2net_jax import cli
+
+    cli.quiet_startup()
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from res2net_jax import input_pipeline
+
+    tfds.disable_progress_bar()
+    folder = os.path.join(root, "train")
+    classes = sorted(os.listdir(folder))
+    files = [
+        (os.path.join(folder, c, f), classes.index(c))
+        for c in classes
+        for f in sorted(os.listdir(os.path.join(folder, c)))
+    ]
+    features = tfds.features.FeaturesDict(
+        {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(num_classes=len(classes))}
+    )
+    examples = [(i, {"image": path, "label": label}) for i, (path, label) in enumerate(files)]
+    with tempfile.TemporaryDirectory() as data_dir:
+        builder = tfds.dataset_builders.store_as_tfds_dataset(
+            "synthetic_jpegs", "1.0.0", features, {"train": examples}, data_dir=data_dir, file_format="tfrecord"
+        )
+        count = builder.info.splits["train"].num_examples
+        record_bytes = sum(os.path.getsize(f) for f in builder.info.splits["train"].filepaths) / count
+        batch = _BATCH.value
+        epochs = 3
+
+        def whole_split() -> int:
+            options = tf.data.Options()
+            options.deterministic = True
+            read_config = tfds.ReadConfig(options=options, interleave_cycle_length=1)
+            ds = builder.as_dataset(
+                split="train",
+                decoders={"image": tfds.decode.SkipDecoding()},
+                shuffle_files=False,
+                read_config=read_config,
+            )
+            ds = ds.enumerate().shuffle(min(count, 16_384), seed=0, reshuffle_each_iteration=False)
+            ds = ds.batch(batch, drop_remainder=True).map(lambda i, ex: (i[:batch], ex["image"][:batch]))
+            return sum(len(i) for i, _ in ds.as_numpy_iterator())
+
+        start = time.perf_counter()
+        for _ in range(epochs):
+            read = whole_split()
+        seconds = (time.perf_counter() - start) / epochs
+        figures = {"records": count, "record_bytes": record_bytes,
+                   "whole_split": {"records_s": read / seconds, "s_per_epoch_per_host": seconds,
+                                   "bytes_per_epoch_per_host": count * record_bytes}}  # fmt: skip
+        start = time.perf_counter()
+        builder = input_pipeline._read_by_index(builder)
+        figures["copy_s"] = time.perf_counter() - start
+        for hosts in HOST_COUNTS:
+            local = batch // hosts
+            positions = (np.arange(count // batch)[:, None] * batch + np.arange(local)[None, :]).reshape(-1)
+            indices = input_pipeline.epoch_order(positions, count, 0, 0)
+            start = time.perf_counter()
+            for _ in range(epochs):
+                examples = input_pipeline._examples(builder, "train", indices, local).batch(local)
+                read = sum(len(index) for index, _, _ in examples.as_numpy_iterator())
+            seconds = (time.perf_counter() - start) / epochs
+            figures[f"by_index_{hosts}_hosts"] = {"records_s": read / seconds, "s_per_epoch_per_host": seconds,
+                                                   "bytes_per_epoch_per_host": read * record_bytes}  # fmt: skip
+    return figures
+
+
+_SIDE = {"jax": _jax, "timm": _timm, "stages": _stages, "reads": _reads}
 
 
 def _run_worker(side: str, root: str) -> dict[str, Any]:
@@ -217,6 +298,8 @@ def _measure(root: str) -> dict[str, Any]:
     figures: dict[str, Any] = {"sides": sides}
     if _STAGES.value:
         figures["stages_ms_per_image"] = _run_worker("stages", root)
+    if _READS.value:
+        figures["reads"] = _run_worker("reads", root)
     if {"jax", "timm"} <= set(sides):
         figures["jax_over_timm"] = {p: sides["jax"][p]["img_s"] / sides["timm"][p]["img_s"] for p in ("train", "eval")}
     return figures

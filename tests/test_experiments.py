@@ -214,6 +214,13 @@ def test_input_pipeline_speed_on_synthetic_jpegs(tmp_path) -> None:
     for side in sides.values():
         assert side["train"]["img_s_per_core"] > 0 and side["eval"]["img_s_per_core"] > 0
     assert report["jax_over_timm"]["train"] > 0 and report["stages_ms_per_image"]["host_train_total"] > 0
+    reads = report["reads"]  # host 0 of N reads 40 // 8 batches x 8 / N records; before, all 40 at any N
+    assert reads["whole_split"]["bytes_per_epoch_per_host"] == pytest.approx(40 * reads["record_bytes"])
+    for hosts in (1, 2, 4, 8):
+        assert reads[f"by_index_{hosts}_hosts"]["bytes_per_epoch_per_host"] == pytest.approx(
+            40 // hosts * reads["record_bytes"]
+        )
+        assert reads[f"by_index_{hosts}_hosts"]["records_s"] > 0
     too_few = _script("input_pipeline_speed.py", "--images=10", "--batch=8", f"--out={tmp_path / 'b.json'}")
     assert too_few.returncode != 0 and "fewer than the 64 images" in too_few.stderr
     assert not (tmp_path / "b.json").exists()
