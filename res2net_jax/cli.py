@@ -14,7 +14,6 @@ input pipeline does not run, so they are turned off; TensorFlow's warnings and e
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -78,7 +77,7 @@ class LoadedWeights(NamedTuple):
     overrides: dict[str, Any]  # architecture fields beyond the registered model's
     variables: Any  # Flax variables
     class_names: list[str] | None
-    data_config: DataConfig | None  # the evaluation transform a run used or a pretrained config names
+    data_config: DataConfig  # the evaluation transform a run used or a pretrained config names, else the model's
 
 
 def load_weights(
@@ -89,7 +88,7 @@ def load_weights(
     A training run (WORKDIR, WORKDIR/best, ...) names its own model, overrides, class names and image
     size and crop, and so do published weights (a registered name or hf-hub:ORG/REPO) and directories
     in timm's format (`save_pretrained`, its pretrained_cfg): --model may be left out; any other
-    weights need --model, and name no classes or transform.
+    weights need --model, and name no classes; their transform is the model's own.
     """
     from res2net_jax import convert, pretrained, weight_files, workdir
     from res2net_jax.errors import InvalidInputError
@@ -110,14 +109,11 @@ def load_weights(
         if model is not None and get_spec(model).name != run.model:  # runs record the canonical name
             raise InvalidInputError(f"{weights} holds a {run.model}, not a {model}: leave out --model")
         model, overrides, names = run.model, run.model_overrides, run.class_names
-        settings_path = os.path.join(source.root, workdir.CONFIG)
-        if os.path.exists(settings_path):
-            with open(settings_path) as f:
-                settings = json.load(f)
-            data_config = DataConfig(settings["image_size"], settings["crop_pct"])
+        if run.eval_size_and_crop is not None:
+            data_config = DataConfig(*run.eval_size_and_crop)
     elif model is None:
         raise InvalidInputError(f"name the model of {weights} with --model (only a training workdir says it itself)")
     variables = weight_files.load_variables(weights, model, num_classes, reset_head, overrides=overrides, ema=ema)
     if names is not None and len(names) != convert.num_classes_of(variables):
         names = None  # a new head: the run's class names no longer apply
-    return LoadedWeights(model, overrides, variables, names, data_config)
+    return LoadedWeights(model, overrides, variables, names, data_config or pretrained.model_data_config(model))

@@ -27,8 +27,8 @@ from absl import flags, logging  # noqa: E402
 
 from res2net_jax.convert import num_classes_of  # noqa: E402
 from res2net_jax.errors import InvalidInputError  # noqa: E402
-from res2net_jax.inference import DataConfig, center_crop, imagenet_classes, load_image, make_predict_fn  # noqa: E402
-from res2net_jax.registry import create_model, get_spec  # noqa: E402
+from res2net_jax.inference import center_crop, imagenet_classes, load_image, make_predict_fn  # noqa: E402
+from res2net_jax.registry import create_model  # noqa: E402
 
 _MODEL = flags.DEFINE_string(
     "model", None, "Registered model name, e.g. res2net50_26w_4s (default: the one a training workdir names)."
@@ -55,9 +55,6 @@ def main(argv: list[str]) -> None:
         raise InvalidInputError("name at least one image file to classify")
     name, overrides, variables, names, data = cli.load_weights(_WEIGHTS.value, _MODEL.value, ema=_EMA.value)
     model = create_model(name, num_classes=num_classes_of(variables), **overrides)
-    if data is None:  # weights that name no transform: the model's defaults
-        spec = get_spec(name)
-        data = DataConfig(spec.input_size, spec.crop_pct, spec.mean, spec.std)
     # Crops come from the host at input_size: the compiled function does not resample them.
     top_k = min(_TOP_K.value, model.num_classes)
     predict = make_predict_fn(model, variables, top_k, data.input_size, crop_pct=1.0, mean=data.mean, std=data.std)

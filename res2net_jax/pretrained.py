@@ -127,6 +127,12 @@ def _data_config(cfg: Mapping[str, Any], source: str) -> DataConfig:
     return DataConfig(height, cfg.get("crop_pct", default.crop_pct), mean, std, interpolation)
 
 
+def model_data_config(model_name: str) -> DataConfig:
+    """A registered model's own evaluation transform: its input size, crop, mean and std."""
+    spec = get_spec(model_name)
+    return DataConfig(spec.input_size, spec.crop_pct, spec.mean, spec.std)
+
+
 # Architecture overrides that timm's Res2Net (ResNet) and DLA constructors take under the same name.
 _SAME_NAME = ("layers", "base_width", "cardinality", "in_chans", "output_stride", "levels", "channels")
 
@@ -218,7 +224,7 @@ def save_pretrained(
     in timm's names). An existing `directory` is never overwritten; nothing is left under its name if
     writing fails."""
     spec = get_spec(model_name)
-    data = data_config or DataConfig(spec.input_size, spec.crop_pct, spec.mean, spec.std)
+    data = data_config or model_data_config(model_name)
     model_args = to_model_args(spec.name, overrides or {})
     num_classes = convert.num_classes_of(variables)
     if class_names is not None and len(class_names) != num_classes:

@@ -94,17 +94,12 @@ def check_settings(workdir: str, settings: Mapping[str, Any]) -> list[str]:
     Returns the recorded fields that are no longer settings (retired by a later release), which the
     run resumes without.
     """
-    path = os.path.join(workdir, CONFIG)
     settings = json.loads(json.dumps(dict(settings)))
     retired = []
     if has_run(workdir):
-        if not os.path.exists(path):
+        recorded = read_settings(workdir)
+        if recorded is None:
             return retired
-        try:
-            with open(path) as f:
-                recorded = json.load(f)
-        except (OSError, ValueError) as err:
-            raise InvalidInputError(f"{path} is unreadable ({err}): restore it, or use another --workdir") from None
         retired = sorted(set(recorded) - set(settings))
         changed = sorted(k for k in settings if k not in RESUMABLE_FIELDS and recorded.get(k) != settings[k])
         if changed:
@@ -112,8 +107,20 @@ def check_settings(workdir: str, settings: Mapping[str, Any]) -> list[str]:
             raise InvalidInputError(
                 f"{workdir} holds another run ({detail}): use a new --workdir, or its settings to resume it"
             )
-    _write_json_atomically(path, settings)
+    _write_json_atomically(os.path.join(workdir, CONFIG), settings)
     return retired
+
+
+def read_settings(workdir: str) -> dict[str, Any] | None:
+    """The settings recorded in WORKDIR/config.json; None for a run from before it was written."""
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(f"{path} is unreadable ({err}): restore it, or use another --workdir") from None
 
 
 def _write_text_atomically(path: str, text: str) -> None:
@@ -359,6 +366,7 @@ class RunInfo:
     model_overrides: dict[str, Any]
     num_classes: int
     class_names: list[str] | None
+    eval_size_and_crop: tuple[int, float] | None  # image_size and crop_pct; None before config.json was written
 
 
 def _newest_first(source: Source, manager: ocp.CheckpointManager) -> list[int]:
@@ -372,8 +380,8 @@ def _newest_first(source: Source, manager: ocp.CheckpointManager) -> list[int]:
 
 
 def describe(source: Source) -> RunInfo:
-    """The model, architecture overrides, class count and class names of the run `source` is in, from
-    the metadata its checkpoints carry and WORKDIR/classes.txt."""
+    """The model, architecture overrides, class count, class names and evaluation size and crop of the
+    run `source` is in, from the metadata its checkpoints carry, WORKDIR/classes.txt and config.json."""
     manager = _manager(source.directory, "read")
     try:
         steps = _newest_first(source, manager)
@@ -393,7 +401,9 @@ def describe(source: Source) -> RunInfo:
         with open(names_path) as f:
             names = f.read().splitlines()
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("model_overrides", {}).items()}
-    return RunInfo(meta["model"], overrides, int(meta["num_classes"]), names)
+    settings = read_settings(source.root)
+    size_and_crop = (settings["image_size"], settings["crop_pct"]) if settings is not None else None
+    return RunInfo(meta["model"], overrides, int(meta["num_classes"]), names, size_and_crop)
 
 
 def write_class_names(workdir: str, names: list[str]) -> None:
