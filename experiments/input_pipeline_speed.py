@@ -244,8 +244,7 @@ def _reads(root: str) -> dict[str, Any]:
         figures["copy_s"] = time.perf_counter() - start
         for hosts in HOST_COUNTS:
             local = batch // hosts
-            positions = (np.arange(count // batch)[:, None] * batch + np.arange(local)[None, :]).reshape(-1)
-            indices = input_pipeline.epoch_order(positions, count, 0, 0)
+            indices = input_pipeline.host_order(count, batch, 0, 0, hosts, 0, 0)
             start = time.perf_counter()
             for _ in range(epochs):
                 examples = input_pipeline._examples(builder, "train", indices, local).batch(local)

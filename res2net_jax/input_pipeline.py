@@ -409,9 +409,23 @@ def _examples(builder: tfds.core.DatasetBuilder, split: str, indices: np.ndarray
     return ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
 
 
-def epoch_order(positions: np.ndarray, num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """The index of the example at each of `positions` of epoch `epoch`: a permutation of the split's
-    `num_examples` that depends only on (seed, epoch), computed for the asked positions alone."""
+def host_order(
+    num_examples: int,
+    global_batch: int,
+    start_batch: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    epoch: int,
+) -> np.ndarray:
+    """The example indices this host reads in epoch `epoch`, batch `start_batch` on: its slice of each
+    global batch. Batch b holds positions [b G, (b + 1) G) of the epoch's order, a permutation of the
+    split that depends only on (seed, epoch) (TensorFlow's stateless index_shuffle), computed for this
+    host's positions alone."""
+    local_batch = global_batch // process_count
+    batches = np.arange(start_batch, num_examples // global_batch)
+    mine = np.arange(process_index * local_batch, (process_index + 1) * local_batch)
+    positions = (batches[:, None] * global_batch + mine[None, :]).reshape(-1)
     order = tf.random.experimental.index_shuffle(
         positions.astype(np.int64), seed=tf.constant([seed, epoch], tf.int64), max_index=num_examples - 1
     )
@@ -433,16 +447,12 @@ def train_dataset(
     B = the examples of one update (batch_size x grad_accum_steps) / process_count; 'index' is the
     example's position in the split, which with 'epoch' seeds its augmentation on the device
     (`augment.augment_batch`). The epoch ends after num_train // (B x process_count) full batches.
-    Global batch b holds positions [b G, (b + 1) G) of the epoch's order (`epoch_order`), and this host
-    reads only its part of each.
+    This host reads only its part of each global batch (`host_order`).
     """
     global_batch = update_batch_size(config)
     local_batch = global_batch // process_count
     epoch_seed = config.seed * 1_000_003 + epoch
-    batches = np.arange(start_batch, info.num_train // global_batch)
-    mine = np.arange(process_index * local_batch, (process_index + 1) * local_batch)
-    positions = (batches[:, None] * global_batch + mine[None, :]).reshape(-1)
-    indices = epoch_order(positions, info.num_train, config.seed, epoch)
+    indices = host_order(info.num_train, global_batch, start_batch, process_index, process_count, config.seed, epoch)
 
     def prepare(index: tf.Tensor, image: tf.Tensor, label: tf.Tensor) -> dict:
         seed = tf.stack([tf.constant(epoch_seed, tf.int64), index])
