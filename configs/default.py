@@ -15,6 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: any name of res2net_jax.list_models(); overrides replace architecture fields.
     config.model = "res2net50"
     config.model_overrides = ml_collections.ConfigDict()
+    # Fine-tuning regularisation and memory, as timm's: dropout before the classifier, stochastic depth
+    # (Res2Net: per-block rates rising linearly to drop_path_rate), gradient checkpointing per block.
+    config.drop_rate = 0.0
+    config.drop_path_rate = 0.0
+    config.remat = False
     config.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'
     config.backend = "auto"  # 'auto', 'cpu', 'gpu' or 'tpu'
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from res2net_jax import pretrained, steps
-from res2net_jax.errors import InvalidInputError, MissingFileError
+from res2net_jax.errors import InvalidInputError, MissingFileError, UserError
+from res2net_jax.models import Res2Net
 from res2net_jax.registry import create_model, get_spec
 
 if TYPE_CHECKING:
@@ -86,6 +87,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cutmix_alpha": _at_least(0),
     "mix_switch_prob": _fraction(),
     "label_smoothing": _fraction(upper_open=True),
+    "drop_rate": _fraction(upper_open=True),
+    "drop_path_rate": _fraction(upper_open=True),
+    "remat": _BOOL,
     "batch_size": _integer(1),
     "eval_batch_size": _integer(1),
     "num_epochs": _integer(1),
@@ -121,10 +125,17 @@ def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     if backbone:  # main.py trains classifiers on RGB images
         raise InvalidInputError(f"config.model_overrides.{backbone[0]} is not allowed in main.py: it trains "
                                 "classifiers on RGB images; use those fields through create_model")  # fmt: skip
+    training = sorted(set(config.model_overrides) & {"drop_rate", "drop_path_rate", "remat"})
+    if training:  # training settings, not architecture: a run's recorded overrides rebuild it for inference
+        raise InvalidInputError(f"config.model_overrides.{training[0]} is a training setting: set "
+                                f"--config.{training[0]} instead")  # fmt: skip
     for field, (ok, allowed) in RULES.items():
         value = config[field]
         if not ok(tuple(value) if isinstance(value, list) else value):
             raise InvalidInputError(f"config.{field}={value!r} is not allowed: use {allowed}")
+    if config.drop_path_rate and get_spec(config.model).family is not Res2Net:
+        raise InvalidInputError(f"config.drop_path_rate={config.drop_path_rate!r}: {config.model} has no stochastic "
+                                "depth (timm's DLA has none either); use config.drop_rate")  # fmt: skip
     if config.num_train_steps == -1 and config.num_epochs < 1:
         raise InvalidInputError(f"config.num_epochs={config.num_epochs!r} is not allowed: use a whole number >= 1")
     if config.freeze_bn and not config.freeze:
@@ -134,21 +145,27 @@ def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
         steps.frozen_labels(shapes["params"], config.freeze)
     if config.reset_head and not config.init_weights:
         raise InvalidInputError("config.reset_head is set but no weights to fine-tune: pass --config.init_weights=PATH")
-    paths = {"init_weights": config.init_weights}
-    if pretrained.is_pretrained_id(config.init_weights):
-        if not config.init_weights.startswith(pretrained.HUB_PREFIX):
-            named = get_spec(config.init_weights)
-            if named.name != get_spec(config.model).name:
-                raise InvalidInputError(f"config.init_weights={config.init_weights!r} are {named.name}'s weights but "
-                                        f"config.model={config.model!r}: set --config.model={named.name}")  # fmt: skip
-            try:
-                pretrained.hub_id(config.init_weights)
-            except MissingFileError as err:
-                raise MissingFileError(f"config.init_weights={config.init_weights!r}: {err}") from None
-        paths.pop("init_weights")
-    if mode == "eval":
-        paths["eval_weights"] = config.eval_weights
-    for field, path in paths.items():
-        if path and not os.path.exists(os.path.expanduser(path)):
-            hint = " (nor a model name with published weights, or hf-hub:ORG/REPO)" if field == "init_weights" else ""
-            raise MissingFileError(f"config.{field}={path!r} does not exist{hint}")
+    fields = ("init_weights", "eval_weights") if mode == "eval" else ("init_weights",)
+    for field in fields:
+        _check_weights(field, config[field], config.model)
+
+
+def _check_weights(field: str, value: str, model: str) -> None:
+    """config.init_weights / eval_weights: '' (none), published weights of config.model's network by name
+    or hf-hub id, or an existing path."""
+    if not value:
+        return
+    if pretrained.is_pretrained_id(value):
+        if value.startswith(pretrained.HUB_PREFIX):
+            return
+        named = get_spec(value)
+        if named.name != get_spec(model).name:
+            raise InvalidInputError(f"config.{field}={value!r} are {named.name}'s weights but config.model={model!r}: "
+                                    f"set --config.model={named.name}")  # fmt: skip
+        try:
+            pretrained.check_published(value)
+        except UserError as err:
+            raise type(err)(f"config.{field}={value!r}: {err}") from None
+    elif not os.path.exists(os.path.expanduser(value)):
+        raise MissingFileError(f"config.{field}={value!r} does not exist (nor a model name with published weights, "
+                               "or hf-hub:ORG/REPO)")  # fmt: skip

@@ -231,7 +231,7 @@ def _init_head(model_name: str, num_classes: int, rng: jax.Array | None, overrid
     in_features = _expected(model_name, num_classes, overrides)[HEAD_KEYS[0]][1][1]
     rng = jax.random.key(0) if rng is None else rng
     feature_map = jnp.zeros((1, 1, 1, in_features), jnp.float32)
-    return model.init(rng, feature_map, method=model.head)["params"]["fc"]
+    return model.init(rng, feature_map, method=model.forward_head)["params"]["fc"]
 
 
 def num_classes_of(variables: Variables) -> int:
@@ -301,11 +301,20 @@ def timm_to_mindcv(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     return renamed
 
 
+# The top-level cells of MindCV's Res2Net that hold tensors. A checkpoint saved from MindSpore's training
+# cell also holds the optimiser's state (moments.*, learning_rate, global_step, ...), which MindCV's
+# load_param_into_net leaves unused, as `mindcv_to_timm` does.
+_MINDCV_CELLS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "classifier")
+
+
 def mindcv_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The inverse of `timm_to_mindcv`: a MindCV-named state dict under timm's names."""
+    """The inverse of `timm_to_mindcv`: a MindCV-named state dict under timm's names (the network's tensors
+    only: a training checkpoint's optimiser state is left out)."""
     v1b = any(re.match(r"layer[2-9]\.0\.down_sample\.2\.", key) for key in state_dict)
     renamed = {}
     for key, value in state_dict.items():
+        if key.split(".", 1)[0] not in _MINDCV_CELLS:
+            continue
         module, _, name = key.rpartition(".")
         name = _MINDCV_TO_TIMM.get(name, name)
         if module == "classifier":

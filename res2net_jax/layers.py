@@ -103,6 +103,22 @@ class BatchNorm(nn.Module):
         return mean
 
 
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch, as timm's DropPath: in training each example's branch is
+    zeroed with probability `rate` and kept ones are scaled by 1 / (1 - rate); identity in eval mode.
+    Draws from the 'dropout' RNG stream."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if not train or self.rate == 0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return x * (mask / keep if keep > 0 else mask).astype(x.dtype)
+
+
 def _pool(x: jax.Array, init: float, op: Any, window: int, stride: int, padding: list) -> jax.Array:
     # A Python-scalar init lets JAX recognise the max/add monoid, which has a gradient.
     return lax.reduce_window(x, init, op, (1, window, window, 1), (1, stride, stride, 1), [(0, 0), *padding, (0, 0)])

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from res2net_jax.errors import InvalidInputError
 from res2net_jax.layers import (
     BatchNorm,
+    DropPath,
     accumulation_dtype,
     avg_pool_2x2_same,
     avg_pool_ceil_exclude_pad,
@@ -51,6 +52,7 @@ class Bottle2neck(nn.Module):
     `shortcut` is 'identity', 'conv' (1x1 conv with stride + BN) or 'avg_conv' (2x2 average pool
     when strided, then 1x1 conv + BN; in a dilated stage timm's stride-1 'same' 2x2 pool); DLA passes
     its residual in instead. `dilation` dilates the 3x3 convolutions (a dilated backbone, as timm's).
+    `drop_path` is the stochastic-depth rate of the residual branch (after bn3, before the add, as timm's).
     """
 
     width: int
@@ -62,6 +64,7 @@ class Bottle2neck(nn.Module):
     pool_dilated: bool = False
     first: bool = False
     shortcut: str = "identity"
+    drop_path: float = 0.0
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
@@ -92,6 +95,7 @@ class Bottle2neck(nn.Module):
         out = jnp.concatenate(branches, axis=-1)
         out = conv(self.out_features, 1, dtype=self.dtype, name="conv3")(out)
         out = bn("bn3", scale_init=nn.initializers.zeros)(out, train)
+        out = DropPath(self.drop_path, name="drop_path")(out, train)
         if residual is None:
             residual = self._shortcut(x, train, bn)
         return nn.relu(out + residual)
@@ -124,10 +128,16 @@ def _feature_dicts(all_features: list[dict[str, Any]], out_indices: Sequence[int
     return [all_features[known.index(i)] for i in out_indices]
 
 
+def _block_class(remat: bool) -> type[Bottle2neck]:
+    """Bottle2neck, or with `remat` the same block under `nn.remat` (gradient checkpointing: its
+    activations are recomputed in the backward pass instead of kept); `train` is static."""
+    return nn.remat(Bottle2neck, static_argnums=(2,)) if remat else Bottle2neck
+
+
 class _Backbone(nn.Module):
     """What Res2Net and DLA share as timm-style backbones. Each network provides the fields
     `out_indices` and `features_only`, `_all_features()` (timm's feature_info dicts of every map, the
-    last the classifier's input), `_maps(x, train, out_indices)` and `head(last_map)`."""
+    last the classifier's input), `_maps(x, train, out_indices)` and `forward_head`."""
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -138,12 +148,17 @@ class _Backbone(nn.Module):
         """The maps of `out_indices` (timm's indexing), for backbone use."""
         return self._maps(x, train, self.out_indices)
 
+    def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """The last map, the classifier's input (timm's forward_features)."""
+        return self._maps(x, train, (self._all_features()[-1]["index"],))[0]
+
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, ...]:
         """Logits (float32) for NHWC images normalised with the ImageNet mean and std; the feature maps
-        of `out_indices` if `features_only`."""
+        of `out_indices` if `features_only`. Training (`train=True`) with `drop_rate` or `drop_path_rate`
+        draws from the 'dropout' RNG stream."""
         if self.features_only:
             return self.features(x, train)
-        return self.head(self._maps(x, train, (self._all_features()[-1]["index"],))[0])
+        return self.forward_head(self.forward_features(x, train), train=train)
 
 
 class Res2Net(_Backbone):
@@ -156,6 +171,10 @@ class Res2Net(_Backbone):
     stride 2; 1-4: the stages) instead of logits, and `output_stride` 16 or 8 replaces the last one or
     two stages' stride by dilation. `num_classes=0` returns the pooled features; `in_chans` sets the
     input's channel count.
+
+    Fine-tuning, as timm's: `drop_rate` is dropout on the pooled features, `drop_path_rate` stochastic
+    depth rising linearly from 0 at the first block to `drop_path_rate` at the last; `remat` recomputes
+    each block's activations in the backward pass (gradient checkpointing) to save memory.
     """
 
     layers: Sequence[int]
@@ -169,6 +188,9 @@ class Res2Net(_Backbone):
     features_only: bool = False
     out_indices: Sequence[int] = (0, 1, 2, 3, 4)
     output_stride: int = 32
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    remat: bool = False
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
@@ -187,6 +209,7 @@ class Res2Net(_Backbone):
             self.conv1 = conv(64, 7, stride=2, dtype=dt)
         self.bn1 = self._bn()
         in_features, net_stride, dilation = 64, 4, 1
+        block_class, num_blocks, block_index = _block_class(self.remat), sum(self.layers), 0
         for stage, (depth, planes) in enumerate(zip(self.layers, (64, 128, 256, 512), strict=True)):
             width = (planes * self.base_width // 64) * self.cardinality
             stage_stride, previous_dilation = (1 if stage == 0 else 2), dilation
@@ -199,7 +222,7 @@ class Res2Net(_Backbone):
                 stride = stage_stride if index == 0 else 1
                 needs_projection = index == 0 and (stride != 1 or in_features != planes * 4)
                 blocks.append(
-                    Bottle2neck(
+                    block_class(
                         width=width,
                         out_features=planes * 4,
                         scale=self.scale,
@@ -209,12 +232,14 @@ class Res2Net(_Backbone):
                         pool_dilated=dilation > 1,
                         first=needs_projection,
                         shortcut=("avg_conv" if self.avg_down else "conv") if needs_projection else "identity",
+                        drop_path=self.drop_path_rate * block_index / max(num_blocks - 1, 1),  # timm's rule
                         dtype=dt,
                         axis_name=self.axis_name,
                     )
                 )
-                in_features = planes * 4
+                in_features, block_index = planes * 4, block_index + 1
             setattr(self, f"layer{stage + 1}", blocks)
+        self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes and not self.features_only:
             self.fc = nn.Dense(self.num_classes, dtype=dt, param_dtype=jnp.float32)
 
@@ -250,12 +275,14 @@ class Res2Net(_Backbone):
             maps.append(x)
         return tuple(maps[i] for i in out_indices)
 
-    def head(self, x: jax.Array) -> jax.Array:
-        """Global average pool and classifier over the last stage's map (pooled features alone when
-        num_classes is 0)."""
+    def forward_head(self, x: jax.Array, pre_logits: bool = False, train: bool = False) -> jax.Array:
+        """Global average pool, dropout (`drop_rate`, in training) and classifier over the last stage's map
+        (timm's forward_head); the pooled features alone with `pre_logits` or when num_classes is 0."""
         acc = accumulation_dtype(self.dtype)
-        x = jnp.mean(x.astype(acc), axis=(1, 2))
-        return self.fc(x.astype(self.dtype)).astype(acc) if self.num_classes else x
+        x = self.head_drop(jnp.mean(x.astype(acc), axis=(1, 2)), deterministic=not train)
+        if pre_logits or not self.num_classes:
+            return x
+        return self.fc(x.astype(self.dtype)).astype(acc)
 
 
 class DlaRoot(nn.Module):
@@ -282,6 +309,7 @@ class DlaTree(nn.Module):
     base_width: int = 28
     scale: int = 4
     cardinality: int = 1
+    remat: bool = False
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
@@ -300,7 +328,8 @@ class DlaTree(nn.Module):
             x1 = self._block(self.stride, "tree1")(x, train, shortcut)
             x2 = self._block(1, "tree2")(x1, train)
             return DlaRoot(self.out_features, name="root", **common)([x2, x1, *children], train)
-        tree_args = {"base_width": self.base_width, "scale": self.scale, "cardinality": self.cardinality, **common}
+        tree_args = {"base_width": self.base_width, "scale": self.scale, "cardinality": self.cardinality,
+                     "remat": self.remat, **common}  # fmt: skip
         x1 = DlaTree(self.levels - 1, self.in_features, self.out_features, self.stride, name="tree1", **tree_args)(
             x, train
         )
@@ -310,7 +339,7 @@ class DlaTree(nn.Module):
 
     def _block(self, stride: int, name: str) -> Bottle2neck:
         width = (self.out_features * self.base_width // 64) * self.cardinality // 2
-        return Bottle2neck(
+        return _block_class(self.remat)(
             width=width,
             out_features=self.out_features,
             scale=self.scale,
@@ -330,7 +359,8 @@ class DLA(_Backbone):
     must be divisible by 32 (timm raises for other sizes too). Backbone use as timm's: `features_only`
     returns the maps of `out_indices` (level i at stride 2**i, i = 0..5); no dilated variant
     (`output_stride` 32 only, as in timm). `num_classes=0` returns the pooled features; `in_chans`
-    sets the input's channel count.
+    sets the input's channel count. `drop_rate` and `remat` as Res2Net's; timm's DLA has no stochastic
+    depth, so neither has this one.
     """
 
     levels: Sequence[int] = (1, 1, 1, 2, 3, 1)
@@ -343,6 +373,8 @@ class DLA(_Backbone):
     features_only: bool = False
     out_indices: Sequence[int] = (1, 2, 3, 4, 5)
     output_stride: int = 32
+    drop_rate: float = 0.0
+    remat: bool = False
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
@@ -357,6 +389,7 @@ class DLA(_Backbone):
             "base_width": self.base_width,
             "scale": self.scale,
             "cardinality": self.cardinality,
+            "remat": self.remat,
             "dtype": dt,
             "axis_name": self.axis_name,
         }
@@ -364,6 +397,7 @@ class DLA(_Backbone):
         self.level3 = DlaTree(self.levels[3], c[2], c[3], 2, level_root=True, **tree_args)
         self.level4 = DlaTree(self.levels[4], c[3], c[4], 2, level_root=True, **tree_args)
         self.level5 = DlaTree(self.levels[5], c[4], c[5], 2, level_root=True, **tree_args)
+        self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes and not self.features_only:
             self.fc = conv(self.num_classes, 1, bias=True, dtype=dt)
 
@@ -403,11 +437,12 @@ class DLA(_Backbone):
             maps.append(level(maps[-1], train))
         return tuple(maps[i] for i in out_indices)
 
-    def head(self, x: jax.Array) -> jax.Array:
-        """Global average pool and the 1x1-conv classifier over the last level's map (pooled features
-        alone when num_classes is 0)."""
+    def forward_head(self, x: jax.Array, pre_logits: bool = False, train: bool = False) -> jax.Array:
+        """Global average pool, dropout (`drop_rate`, in training) and the 1x1-conv classifier over the last
+        level's map (timm's forward_head); the pooled features alone with `pre_logits` or when num_classes
+        is 0."""
         acc = accumulation_dtype(self.dtype)
-        x = jnp.mean(x.astype(acc), axis=(1, 2), keepdims=True)
-        if not self.num_classes:
+        x = self.head_drop(jnp.mean(x.astype(acc), axis=(1, 2), keepdims=True), deterministic=not train)
+        if pre_logits or not self.num_classes:
             return x[:, 0, 0]
         return jnp.squeeze(self.fc(x.astype(self.dtype)), axis=(1, 2)).astype(acc)

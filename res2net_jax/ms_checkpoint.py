@@ -114,7 +114,7 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
         data = f.read()
     try:
         return _parse(data)
-    except CorruptCheckpointError as err:
+    except (CorruptCheckpointError, UnicodeDecodeError) as err:  # a name that is not UTF-8: not a checkpoint
         raise CorruptCheckpointError(f"{path} is not a complete MindSpore checkpoint: {err}") from None
 
 

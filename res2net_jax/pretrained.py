@@ -1,10 +1,12 @@
-"""Pretrained weights in one line, in timm's format: from the Hugging Face hub, its cache or a directory.
+"""Pretrained weights in one line: timm's from the Hugging Face hub, MindCV's, or a directory in timm's format.
 
 `from_pretrained("res2net50d")` reads timm's published weights (hub id `timm/res2net50d.in1k`) through
 `huggingface_hub`, which keeps them in its standard cache (HF_HOME, HF_HUB_CACHE) and reads that
-cache alone under HF_HUB_OFFLINE=1. `save_pretrained` writes what timm's `save_for_hf` writes
-(`config.json`, `model.safetensors` in timm's key names), so `timm.create_model("local-dir:DIR")`
-and `from_pretrained(DIR)` read each other's directories.
+cache alone under HF_HUB_OFFLINE=1. MindCV's four names with weights (`from_pretrained("res2net50")`,
+the seed's `--pretrained`) read MindCV's own MindSpore checkpoints (`res2net_jax.mindcv_weights`).
+`save_pretrained` writes what timm's `save_for_hf` writes (`config.json`, `model.safetensors` in timm's
+key names), so `timm.create_model("local-dir:DIR")` and `from_pretrained(DIR)` read each other's
+directories.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-from res2net_jax import convert, weight_files
+from res2net_jax import convert, mindcv_weights, weight_files
 from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.inference import INTERPOLATIONS, DataConfig
 from res2net_jax.models import DLA
@@ -48,28 +50,21 @@ def _from_hub(repo_id: str, filename: str) -> str | None:
         return None
 
 
-def hub_id(name: str) -> str:
-    """The hub repo of a registered name's published weights. A MindCV name (its weights are MindSpore
-    checkpoints elsewhere) or a model without published weights is one line saying what there is."""
-    spec = get_spec(name)
+def check_published(name: str) -> None:
+    """Refuses, in one line, a registered name whose network has no published weights."""
+    if name not in MINDCV_WEIGHTS and get_spec(name).hf_hub_id is None:
+        raise MissingFileError(
+            f"{name} has no published weights (neither timm nor MindCV publishes any for it): train it, or pass a "
+            "weights file; res2net_jax.list_pretrained() lists the names that have them"
+        )
     if name in MINDCV_WEIGHTS:
-        url, top1 = MINDCV_WEIGHTS[name]
-        raise MissingFileError(
-            f"{name} is MindCV's name: MindCV's weights for it ({top1}% top-1) are the MindSpore checkpoint {url}, "
-            "not on the Hugging Face hub; download it and pass its path (weight_files.load_variables, init_weights, "
-            f"--weights). timm's weights of the same network ({spec.top1}%) are {spec.name}'s"
-        )
-    if spec.hf_hub_id is None:
-        raise MissingFileError(
-            f"{name} has no published weights on the Hugging Face hub (MindCV publishes none for it either): "
-            "train it, or pass a weights file"
-        )
-    return spec.hf_hub_id
+        mindcv_weights.url(name)  # a malformed RES2NET_MINDCV_ENDPOINT is refused before any work
 
 
 def _files(name_or_path: str) -> tuple[str, str | None, str | None]:
-    """(weights path, config.json path or None, registry name or None) for a registered name, an
-    `hf-hub:` id or a directory, downloading into huggingface_hub's cache if need be."""
+    """(weights path, config.json path or None, registry name or None) for a registered name (MindCV's
+    checkpoint for MindCV's four names with weights, timm's on the hub for the others), an `hf-hub:` id or
+    a directory, downloading into huggingface_hub's or `mindcv_weights`' cache if need be."""
     if os.path.isdir(name_or_path):
         config = os.path.join(name_or_path, CONFIG_FILE)
         for filename in WEIGHTS_FILES:
@@ -79,7 +74,11 @@ def _files(name_or_path: str) -> tuple[str, str | None, str | None]:
     if name_or_path.startswith(HUB_PREFIX):
         repo_id, name = name_or_path.removeprefix(HUB_PREFIX), None
     else:
-        repo_id, name = hub_id(name_or_path), get_spec(name_or_path).name
+        check_published(name_or_path)
+        name = get_spec(name_or_path).name
+        if name_or_path in MINDCV_WEIGHTS:
+            return mindcv_weights.fetch(name_or_path), None, name
+        repo_id = get_spec(name_or_path).hf_hub_id
     for filename in WEIGHTS_FILES:
         weights = _from_hub(repo_id, filename)
         if weights is not None:
@@ -133,12 +132,15 @@ def model_data_config(model_name: str) -> DataConfig:
     return DataConfig(spec.input_size, spec.crop_pct, spec.mean, spec.std)
 
 
-# Architecture overrides that timm's Res2Net (ResNet) and DLA constructors take under the same name.
-_SAME_NAME = ("layers", "base_width", "cardinality", "in_chans", "output_stride", "levels", "channels")
+# Model fields that timm's Res2Net (ResNet) and DLA constructors take under the same name: architecture,
+# and the fine-tuning rates (dropout before the classifier, stochastic depth), which timm's config.json
+# records in model_args when a model was built with them.
+_SAME_NAME = ("layers", "base_width", "cardinality", "in_chans", "output_stride", "levels", "channels", "drop_rate",
+              "drop_path_rate")  # fmt: skip
 
 
 def to_model_args(model_name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """timm's `create_model` arguments (config.json's `model_args`) for architecture `overrides`."""
+    """timm's `create_model` arguments (config.json's `model_args`) for model field `overrides`."""
     args: dict[str, Any] = {}
     dla = get_spec(model_name).family is DLA
     for key, value in overrides.items():
@@ -154,14 +156,10 @@ def to_model_args(model_name: str, overrides: Mapping[str, Any]) -> dict[str, An
     return args
 
 
-# model_args that timm's save_for_hf records and that change nothing here: the class count (read from the
-# weights), dropout rates (training only).
-_IGNORED = ("num_classes", "drop_rate", "drop_path_rate")
-
-
 def from_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
-    """Architecture overrides for timm's `create_model` arguments (the inverse of `to_model_args`)."""
-    args = {key: value for key, value in model_args.items() if key not in _IGNORED}
+    """Model fields for timm's `create_model` arguments (the inverse of `to_model_args`); the class count
+    is read from the weights."""
+    args = {key: value for key, value in model_args.items() if key != "num_classes"}
     if args.pop("global_pool", "avg") != "avg":
         raise InvalidInputError(f"config.json's model_args asks for global_pool={model_args['global_pool']!r}; "
                                 "res2net_jax's models average-pool")  # fmt: skip
@@ -192,7 +190,8 @@ def from_pretrained(
 ) -> tuple[nn.Module, dict]:
     """The model and its variables from pretrained weights in timm's format.
 
-    `name_or_path`: a registered name or alias (timm's published weights for it), `hf-hub:ORG/REPO`, or
+    `name_or_path`: a registered name (timm's published weights for it; for res2net50, res2net101,
+    res2net50_v1b and res2net101_v1b, MindCV's), `hf-hub:ORG/REPO`, or
     a directory holding `config.json` and `model.safetensors` (what `save_pretrained` and timm's
     `save_for_hf` write). `num_classes`: None keeps the checkpoint's head, another count gets a new
     head (fine-tuning), 0 none (pooled features). `model_kwargs` go to `create_model` (e.g.

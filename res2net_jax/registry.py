@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -78,13 +78,35 @@ ALIASES: dict[str, str] = {
 }
 
 # MindCV's own ImageNet weights for its names (MindSpore checkpoints, MindCV's README; no hub copy),
-# with MindCV's published top-1. They differ from timm's weights of the same networks.
+# with MindCV's published top-1. They differ from timm's weights of the same networks; these names load
+# them (`res2net_jax.mindcv_weights`), timm's names load timm's.
 MINDCV_WEIGHTS: dict[str, tuple[str, float]] = {
     "res2net50": ("https://download.mindspore.cn/toolkits/mindcv/res2net/res2net50-f42cf71b.ckpt", 79.35),
     "res2net101": ("https://download.mindspore.cn/toolkits/mindcv/res2net/res2net101-8ae60132.ckpt", 79.56),
     "res2net50_v1b": ("https://download.mindspore.cn/toolkits/mindcv/res2net/res2net50_v1b-99304e92.ckpt", 80.32),
     "res2net101_v1b": ("https://download.mindspore.cn/toolkits/mindcv/res2net/res2net101_v1b-7e6db001.ckpt", 81.14),
 }
+
+
+class PublishedWeights(NamedTuple):
+    """Published ImageNet-1k weights that a name loads (`from_pretrained(name)`, init_weights, --weights)."""
+
+    name: str  # the name that loads them
+    source: str  # "timm" (the Hugging Face hub) or "mindcv" (MindSpore checkpoints on MindCV's server)
+    location: str  # the hub repo id, or the checkpoint's URL
+    top1: float  # the publisher's ImageNet-1k validation top-1 (%)
+    input_size: int
+
+
+def list_pretrained() -> list[PublishedWeights]:
+    """Every name with published weights, sorted: timm's names load timm's weights from the hub, MindCV's
+    res2net50, res2net101, res2net50_v1b and res2net101_v1b load MindCV's (timm's name list_pretrained)."""
+    timm = [PublishedWeights(s.name, "timm", s.hf_hub_id, s.top1, s.input_size) for s in _SPECS if s.hf_hub_id]
+    mindcv = [
+        PublishedWeights(name, "mindcv", url, top1, get_spec(name).input_size)
+        for name, (url, top1) in MINDCV_WEIGHTS.items()
+    ]
+    return sorted(timm + mindcv)
 
 
 def list_models() -> list[str]:

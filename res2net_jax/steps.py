@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; only their fields a
     import ml_collections
 
 AXIS = "batch"
+DROPOUT_STREAM = 1  # folded into a step's key for the model's 'dropout' RNG stream
 
 
 @flax.struct.dataclass
@@ -57,10 +58,15 @@ def compute_dtype(config: ml_collections.ConfigDict, devices: list[jax.Device]) 
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> nn.Module:
-    """The configured model, its BN statistics synchronised over the data-parallel axis."""
+    """The configured model, its BN statistics synchronised over the data-parallel axis, with the
+    config's dropout, stochastic depth (Res2Net only, as in timm) and gradient checkpointing."""
+    regularisation = {"drop_rate": config.drop_rate, "remat": config.remat}
+    if config.drop_path_rate:
+        regularisation["drop_path_rate"] = config.drop_path_rate
     return create_model(
-        config.model, num_classes=num_classes, dtype=dtype, axis_name=AXIS, **dict(config.model_overrides)
-    )
+        config.model, num_classes=num_classes, dtype=dtype, axis_name=AXIS, **regularisation,
+        **dict(config.model_overrides),
+    )  # fmt: skip
 
 
 # --- Optimiser --------------------------------------------------------------------------------
@@ -224,12 +230,15 @@ def make_train_step(
     passes = config.grad_accum_steps
     num_devices = mesh.devices.size
 
-    def gradients(state: TrainState, batch_stats: Any, images: jax.Array, targets: jax.Array) -> tuple:
+    def gradients(
+        state: TrainState, batch_stats: Any, images: jax.Array, targets: jax.Array, dropout_rng: jax.Array
+    ) -> tuple:
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
             with nn.intercept_methods(frozen_bn(config.freeze)) if config.freeze_bn else contextlib.nullcontext():
                 logits, updates = model.apply(
-                    {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
-                )
+                    {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"],
+                    rngs={"dropout": dropout_rng},
+                )  # fmt: skip
             # The mean over the global batch. Params are replicated (invariant over AXIS), so autodiff
             # sums their gradient over devices: the gradient of this mean is already the global one.
             loss = jax.lax.pmean(jnp.mean(optax.softmax_cross_entropy(logits, targets)), AXIS)
@@ -239,20 +248,26 @@ def make_train_step(
         return loss, batch_stats, grads
 
     def per_device(state: TrainState, images: jax.Array, targets: jax.Array) -> tuple[TrainState, dict]:
+        # Dropout and stochastic depth: a key per step, device and pass (the mixing key is the step's own).
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        device_key = jax.random.fold_in(jax.random.fold_in(step_key, DROPOUT_STREAM), jax.lax.axis_index(AXIS))
         if passes == 1:
-            loss, batch_stats, grads = gradients(state, state.batch_stats, images, targets)
+            loss, batch_stats, grads = gradients(state, state.batch_stats, images, targets, device_key)
         else:
 
             def one_pass(carry: tuple, batch: tuple) -> tuple:
                 loss_sum, batch_stats, grad_sum = carry
-                loss, batch_stats, grads = gradients(state, batch_stats, *batch)
+                index, *examples = batch
+                loss, batch_stats, grads = gradients(
+                    state, batch_stats, *examples, jax.random.fold_in(device_key, index)
+                )
                 grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
                 return (loss_sum + loss.astype(loss_sum.dtype), batch_stats, grad_sum), None
 
             split = (x.reshape(passes, x.shape[0] // passes, *x.shape[1:]) for x in (images, targets))
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             carry = (jnp.zeros((), jnp.float32), state.batch_stats, zeros)
-            (loss_sum, batch_stats, grad_sum), _ = jax.lax.scan(one_pass, carry, tuple(split))
+            (loss_sum, batch_stats, grad_sum), _ = jax.lax.scan(one_pass, carry, (jnp.arange(passes), *split))
             loss, grads = loss_sum / passes, jax.tree.map(lambda g: g / passes, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

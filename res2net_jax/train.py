@@ -400,12 +400,14 @@ def _evaluate_state(
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
-    """Validates config.eval_weights (a weights file, Orbax directory or training run: see
-    `workdir.locate`), else the workdir's newest good checkpoint, and its EMA weights if the config keeps
-    them. The result is printed and, given a workdir, appended to WORKDIR/eval.jsonl. A non-finite loss
-    is an error."""
+    """Validates config.eval_weights (published weights by name or hf-hub id, a weights file, an Orbax
+    directory or a training run: see `workdir.locate`), else the workdir's newest good checkpoint, and its
+    EMA weights if the config keeps them. The result is printed and, given a workdir, appended to
+    WORKDIR/eval.jsonl. A non-finite loss is an error."""
     config_check.check(config, mode="eval")
     source = config.eval_weights or workdir or ""
+    if pretrained.is_pretrained_id(source):
+        source = pretrained.resolve(source).weights
     if not config.eval_weights and (not workdir or run_dir.locate(workdir) is None):
         raise MissingFileError(f"no checkpoint in {workdir}: train first, or name weights with --config.eval_weights")
     config, mesh, builder, info, model = _prepare(config)

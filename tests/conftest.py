@@ -15,6 +15,20 @@ from flax.traverse_util import flatten_dict
 from timm.models.res2net import Bottle2neck
 from timm.models.resnet import ResNet
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mindspore_python() -> str:
+    """The MindSpore environment's python (tests/mindcv_env/make_venv.sh); the test fails without it in CI."""
+    python = os.environ.get("RES2NET_MINDSPORE_PYTHON", os.path.join(ROOT, ".venv-mindspore", "bin", "python"))
+    if not os.path.exists(python):
+        message = f"no MindSpore environment at {python}: make it with tests/mindcv_env/make_venv.sh"
+        if os.environ.get("RES2NET_REQUIRE_MINDSPORE"):  # CI makes it and must not skip
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
 # MindCV-only depths are not registered in timm; build them from timm's own parts.
 _TIMM_BUILDERS = {
     "res2net152": lambda: ResNet(Bottle2neck, [3, 8, 36, 3], base_width=26, block_args={"scale": 4}),

@@ -296,3 +296,17 @@ def test_train_parity_trains_both_sides(tmp_path) -> None:
         (top1,) = result["sides"][side]["top1"]
         correct = top1 * 355 / 100  # both sides evaluate the same 355 held-out digits
         assert 0 <= top1 <= 100 and abs(correct - round(correct)) < 1e-6, result
+
+
+def test_remat_memory_compiles_both_steps_and_remat_keeps_less(tmp_path) -> None:
+    """At a tiny size (two blocks in the first stage, whose activations remat recomputes instead of keeping),
+    the compiled step with remat plans fewer temporaries than the plain one, for the same arguments."""
+    out = tmp_path / "remat.json"
+    done = _script("remat_memory.py", "--models=res2net50", "--layers=2,1,1,1", "--image_size=64", "--batch=4",
+                   f"--out={out}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["date"] == datetime.date.today().isoformat() and result["card"] and result["versions"]["jax"]
+    measured = result["models"]["res2net50"]
+    assert measured["remat"]["temp_mib"] < measured["plain"]["temp_mib"]
+    assert measured["remat"]["argument_mib"] == measured["plain"]["argument_mib"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import flax
 import jax
@@ -12,7 +15,8 @@ import optax
 import pytest
 import timm
 import torch
-from conftest import bn_stats_by_torch_key, images_nchw, nhwc, rel_error, timm_pair
+from conftest import ROOT, bn_stats_by_torch_key, images_nchw, nhwc, rel_error, timm_pair
+from launch import env
 
 from configs import default
 from res2net_jax import augment, create_model, steps
@@ -240,3 +244,49 @@ def test_frozen_bn_runs_like_timms_freeze() -> None:
         assert rel_error(stats[key], value) <= 1e-9, key
         frozen = key.startswith(("conv1.", "bn1.", "layer1."))
         assert np.array_equal(stats[key], before[key]) == frozen, key
+
+
+def _updated_weights(devices: int, **fields) -> list[np.ndarray]:
+    """The weights after one SGD step of a small Res2Net from the same start, each of `devices` devices
+    given the same two examples."""
+    config = _config(optimizer="sgd", momentum=0.0, weight_decay=0.0, batch_size=2 * devices, seed=0,
+                     label_smoothing=0.0, hflip=False, color_jitter=0.0, random_erasing=0.0, **fields)  # fmt: skip
+    rng = np.random.RandomState(0)
+    pixels, labels = rng.randint(0, 256, (2, 32, 32, 3)).astype(np.uint8), rng.randint(0, 3, 2).astype(np.int32)
+    model = steps.build_model(config, num_classes=3, dtype=jnp.float32).clone(layers=(1, 1, 1, 1), base_width=4)
+    tx = steps.create_optimizer(config, optax.constant_schedule(0.5))
+    state = steps.init_train_state(config, tx, jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3))))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), (steps.AXIS,))
+    batch = {"image": np.tile(pixels, (devices, 1, 1, 1)), "label": np.tile(labels, devices),
+             "epoch": np.zeros(2 * devices, np.int32),
+             "index": np.tile(np.arange(2, dtype=np.int32), devices)}  # fmt: skip
+    state, metrics = steps.make_train_step(model, tx, config, mesh)(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return all(np.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(a, b, strict=True))
+
+
+DROPPING = {"drop_path_rate": 0.5, "drop_rate": 0.5}
+
+
+def per_device_findings() -> dict[str, bool]:
+    """Run on two devices (test_the_train_step_draws_dropout_and_stochastic_depth_per_device)."""
+    plain, alone = _updated_weights(1), _updated_weights(1, **DROPPING)
+    return {"two devices, nothing dropped": _same(_updated_weights(2), plain),
+            "two devices, dropping": _same(_updated_weights(2, **DROPPING), alone)}  # fmt: skip
+
+
+def test_the_train_step_draws_dropout_and_stochastic_depth_per_device() -> None:
+    """config.drop_path_rate and drop_rate reach the model in the train step with a key per device: two
+    devices given the same examples update the weights as one device alone when nothing is dropped, and
+    not when dropping (the second device's masks are its own; were the rates not applied, they would)."""
+    code = ("import sys; sys.path.insert(0, 'tests'); import json, test_optim; "
+            "print(json.dumps(test_optim.per_device_findings()))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(2), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"two devices, nothing dropped": True,
+                                                        "two devices, dropping": False}  # fmt: skip

@@ -183,11 +183,31 @@ def test_predict_takes_the_preprocessing_from_the_pretrained_config(tmp_path) ->
     np.testing.assert_allclose([t["prob"] for t in top], np.sort(probs)[::-1][:5], atol=1e-3)
 
 
-def test_mindcv_names_say_where_mindcvs_weights_are() -> None:
-    """MindCV's own weights are not on the hub: its names are refused, naming the checkpoint's address
-    and timm's weights of the same network, before anything is fetched."""
-    with pytest.raises(MissingFileError) as refused:
-        from_pretrained("res2net101")
-    message = str(refused.value)
-    assert "https://download.mindspore.cn/toolkits/mindcv/res2net/res2net101-8ae60132.ckpt" in message
-    assert "(79.56% top-1)" in message and "res2net101_26w_4s's" in message
+# MindCV's published Res2Net checkpoints (mindcv/models/res2net.py default_cfgs): file names by MindCV name.
+MINDCV_FILES = {
+    "res2net50": "res2net50-f42cf71b.ckpt",
+    "res2net101": "res2net101-8ae60132.ckpt",
+    "res2net50_v1b": "res2net50_v1b-99304e92.ckpt",
+    "res2net101_v1b": "res2net101_v1b-7e6db001.ckpt",
+}
+
+
+def test_list_pretrained_lists_exactly_the_names_that_load_weights() -> None:
+    """Every timm name with hub weights (timm's own list), MindCV's four names with MindCV's files; every
+    other registered name is refused in one line that points to list_pretrained."""
+    from res2net_jax import list_models, list_pretrained, pretrained
+
+    listed = {entry.name: entry for entry in list_pretrained()}
+    timm_published = {name for name in listed if listed[name].source == "timm"}
+    assert timm_published == {name.removesuffix(".in1k") for name in timm.list_pretrained("*res2ne*")}
+    for name, entry in listed.items():
+        pretrained.check_published(name)
+        if entry.source == "timm":
+            assert entry.location == f"timm/{name}.in1k"
+        else:
+            assert entry.location == f"https://download.mindspore.cn/toolkits/mindcv/res2net/{MINDCV_FILES[name]}"
+        assert entry.input_size == 224
+    assert {name for name, entry in listed.items() if entry.source == "mindcv"} == set(MINDCV_FILES)
+    for name in sorted(set(list_models()) - set(listed)):
+        with pytest.raises(MissingFileError, match=f"{name} has no published weights .*list_pretrained"):
+            pretrained.check_published(name)
