@@ -165,17 +165,21 @@ def _download(name: str, address: str, target: str, timeout: float) -> None:
 def _copy(response: http.client.HTTPResponse, out: object, expected: int | None, label: str) -> int:
     """Copies the body to `out`, with a progress line on a terminal; returns the bytes received."""
     show = sys.stderr.isatty()
+
+    def progress(end: str = "") -> None:
+        share = f" {100 * received / expected:3.0f}%" if expected else ""
+        total = f" / {expected / 1e6:.1f}" if expected else ""
+        print(f"\rdownloading {label}: {received / 1e6:.1f}{total} MB{share}", end=end, file=sys.stderr, flush=True)
+
     received, shown = 0, 0.0
     while chunk := response.read(_CHUNK):
         out.write(chunk)  # type: ignore[attr-defined]
         received += len(chunk)
         if show and time.monotonic() - shown > 0.2:
             shown = time.monotonic()
-            share = f" {100 * received / expected:3.0f}%" if expected else ""
-            total = f" / {expected / 1e6:.1f}" if expected else ""
-            print(f"\rdownloading {label}: {received / 1e6:.1f}{total} MB{share}", end="", file=sys.stderr, flush=True)
+            progress()
     if show:
-        print(file=sys.stderr, flush=True)
+        progress(end="\n")
     return received
 
 
