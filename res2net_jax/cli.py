@@ -7,12 +7,14 @@ longer hides. oneDNN's custom kernels serve TensorFlow's matrix products and con
 input pipeline does not run, so they are turned off; TensorFlow's warnings and errors still show.
 
 `run(main)` is absl's `app.run` with a `UserError` printed as one line (exit 1;
-`RES2NET_TRACEBACK=1` shows the traceback) and Ctrl-C outside a training loop ending in one line
-(exit 130).
+`RES2NET_TRACEBACK=1` shows the traceback), a full disk as one line (exit 1), Ctrl-C outside a
+training loop ending in one line (exit 130), and output closed early by a reader (`predict ... | head`)
+ending quietly, as other command-line tools do.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import sys
@@ -51,6 +53,12 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def printable(text: str) -> str:
+    """`text` safe to print: control characters (terminal escape sequences, newlines, carriage returns)
+    are shown as escapes (\\x1b, \\n) instead of acting on the terminal or the output's rows."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def run(main: Callable[[list[str]], Any], **app_run_kwargs: Any) -> None:
     """absl's app.run(main), printing a UserError as one line instead of a traceback."""
     from absl import app
@@ -66,6 +74,16 @@ def run(main: Callable[[list[str]], Any], **app_run_kwargs: Any) -> None:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader of stdout is gone: nothing more to say to it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)  # the status of a process ended by SIGPIPE, as the shell reports it
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            where = f" writing {err.filename}" if err.filename else ""
+            print(f"error: no space left on the device{where}: free some space or choose another output path "
+                  "(nothing was left under the output's name)", file=sys.stderr, flush=True)  # fmt: skip
+            sys.exit(1)
 
     app.run(guarded, **app_run_kwargs)
 

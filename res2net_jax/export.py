@@ -30,7 +30,8 @@ from absl import flags, logging  # noqa: E402
 
 from res2net_jax import convert, deploy, onnx_export, pretrained, weight_files  # noqa: E402
 from res2net_jax.errors import InvalidInputError  # noqa: E402
-from res2net_jax.outputs import new_output_path  # noqa: E402
+from res2net_jax.models import DLA  # noqa: E402
+from res2net_jax.outputs import writable_output_path  # noqa: E402
 from res2net_jax.registry import create_model, get_spec  # noqa: E402
 
 _FORMAT = flags.DEFINE_enum(
@@ -79,7 +80,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise InvalidInputError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
-    out = new_output_path(_OUT.value)  # refused before any work
+    out = writable_output_path(_OUT.value)  # refused before any work
+    if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value < 32:
+        raise InvalidInputError(f"--image_size={_IMAGE_SIZE.value} is not allowed: the models take 32 px or more")
     name, overrides, variables, class_names, data_config = cli.load_weights(
         _WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _RESET_HEAD.value, _EMA.value
     )
@@ -92,6 +95,8 @@ def main(argv: list[str]) -> None:
     elif _FORMAT.value in _DEPLOY:
         model = create_model(name, num_classes=convert.num_classes_of(variables), **overrides)
         image_size = _IMAGE_SIZE.value or get_spec(name).input_size
+        if get_spec(name).family is DLA and image_size % 32:
+            raise InvalidInputError(f"--image_size={image_size} is not allowed for {name}: DLA takes multiples of 32")
         _DEPLOY[_FORMAT.value](model, variables, image_size, out)
     else:
         weight_files.save_variables(variables, out)

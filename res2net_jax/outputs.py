@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
-from res2net_jax.errors import OutputExistsError
+from res2net_jax.errors import InvalidInputError, OutputExistsError
 
 
 def new_output_path(path: str | os.PathLike) -> str:
@@ -22,6 +22,18 @@ def new_output_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if os.path.lexists(path):
         raise OutputExistsError(f"{path} exists: choose a new output path, or delete it first")
+    return path
+
+
+def writable_output_path(path: str | os.PathLike) -> str:
+    """`new_output_path`, also refused when its directory cannot be written (the nearest existing one is
+    checked: writing creates the others), so that a command fails before its work, not after."""
+    path = new_output_path(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"cannot write {path}: {parent} is not a writable directory; choose another path")
     return path
 
 

@@ -53,6 +53,9 @@ def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise InvalidInputError("name at least one image file to classify")
+    for flag in (_TOP_K, _BATCH_SIZE):
+        if flag.value < 1:
+            raise InvalidInputError(f"--{flag.name}={flag.value} is not allowed: use a whole number >= 1")
     name, overrides, variables, names, data = cli.load_weights(_WEIGHTS.value, _MODEL.value, ema=_EMA.value)
     model = create_model(name, num_classes=num_classes_of(variables), **overrides)
     # Crops come from the host at input_size: the compiled function does not resample them.
@@ -60,7 +63,7 @@ def main(argv: list[str]) -> None:
     predict = make_predict_fn(model, variables, top_k, data.input_size, crop_pct=1.0, mean=data.mean, std=data.std)
     if names is None and model.num_classes == len(imagenet_classes()):
         names = imagenet_classes()
-    batch_size = max(1, min(_BATCH_SIZE.value, len(paths)))
+    batch_size = min(_BATCH_SIZE.value, len(paths))
     failed, kept, results, crops = [], [], [], []
 
     def classify() -> None:  # the crops so far, padded to one batch shape
@@ -91,7 +94,11 @@ def main(argv: list[str]) -> None:
 
 
 def _write(paths: list[str], results: list[list[tuple[int, str | None, float]]]) -> None:
-    """Each image's top classes (index, name, probability) on stdout in --format."""
+    """Each image's top classes (index, name, probability) on stdout in --format. Class names come from
+    the weights' config.json, which anyone can write: text and CSV show their control characters as
+    escapes (JSON escapes them itself), so a name cannot act on the terminal or forge rows."""
+    results = [[(c, None if label is None else cli.printable(label), p) for c, label, p in rows] for rows in results]
+    paths = [cli.printable(path) for path in paths]
     if _FORMAT.value == "json":
         top = [[{"class": c, "label": label, "prob": p} for c, label, p in rows] for rows in results]
         json.dump([{"path": path, "top": t} for path, t in zip(paths, top, strict=True)], sys.stdout, indent=1)

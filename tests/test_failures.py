@@ -19,6 +19,7 @@ import sys
 import time
 import zlib
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -58,23 +59,49 @@ def _all_checkpoints_finite(workdir: str) -> list[int]:
 # --- 2. The non-finite guard ------------------------------------------------------------------
 
 
-def test_divergence_keeps_only_finite_checkpoints_and_names_the_one_kept(noise_folder: str, tmp_path) -> None:
-    """lr 1e6 with a checkpoint every step: the weights overflow within a few steps."""
+def _logged_losses(stdout: str) -> list[float]:
+    return [float(line.split(" loss ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("step ")]
+
+
+def test_following_the_divergence_advice_ends_in_a_run_that_trains(noise_folder: str, tmp_path) -> None:
+    """A healthy run resumed at lr 1e6, then at 1e3 (each a checkpoint every step): the first exploded loss
+    (finite, far above chance level) stops each one, and the checkpoint kept is the last whose loss was
+    healthy, not the finite but exploded one after it. The rerun the message advises finishes with a
+    finite, falling loss and a model that predicts (the exploded weights gave loss 1e9 and 11% top-1)."""
     workdir = str(tmp_path)
-    done = run(workdir, noise_folder, "--config.learning_rate=1e6", "--config.lr_schedule=constant",
-               "--config.warmup_epochs=0", "--config.checkpoint_every_steps=1", "--config.ema_decay=0",
+    common = ("--config.lr_schedule=constant", "--config.warmup_epochs=0", "--config.checkpoint_every_steps=1",
+              "--config.ema_decay=0", "--config.mixup_alpha=0", "--config.cutmix_alpha=0")  # fmt: skip
+    done = run(workdir, noise_folder, *common, "--config.num_train_steps=6", devices=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rate, shown in (("1e6", "1e+06"), ("1e3", "1000")):
+        done = run(workdir, noise_folder, *common, f"--config.learning_rate={rate}", "--config.num_train_steps=24",
+                   devices=1)  # fmt: skip
+        assert_one_line_error(done, "the loss exploded to ")
+        assert f"at step 8; the newest checkpoint before it, step 6, is kept in {workdir}" in done.stderr
+        assert f"Rerun with a learning_rate lower than {shown}: it resumes from step 6" in done.stderr
+        assert "grad_clip_norm set (e.g. 1.0)" in done.stderr  # not set: the other way out
+        assert _all_checkpoints_finite(workdir)[-1] == 6
+    done = run(workdir, noise_folder, *common, mode="eval", devices=1)  # the kept checkpoint, step 6
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "eval.jsonl")) as f:
+        kept = json.loads(f.readlines()[-1])
+    done = run(workdir, noise_folder, *common, "--config.learning_rate=0.01", "--config.num_train_steps=24",
                devices=1)  # fmt: skip
-    assert_one_line_error(done, "Rerun with a lower learning_rate")
-    assert "final" not in done.stdout
-    steps = _all_checkpoints_finite(workdir)
-    kept = int(done.stderr.split("the newest checkpoint before it, step ")[1].split(",")[0])
-    assert steps and steps[-1] == kept
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step 6" in done.stdout
+    losses = _logged_losses(done.stdout)
+    assert len(losses) == 9 and all(np.isfinite(losses)), losses
+    final = metrics(workdir)[-1]
+    assert final["step"] == 24 and final["loss"] < min(kept["loss"], np.log(4)) and final["top1"] > 50, (kept, final)
 
 
-def test_divergence_without_a_checkpoint_says_none_was_kept(noise_folder: str, tmp_path) -> None:
+def test_divergence_without_a_checkpoint_says_to_start_a_new_workdir(noise_folder: str, tmp_path) -> None:
     done = run(str(tmp_path), noise_folder, "--config.learning_rate=1e30", "--config.warmup_epochs=0",
-               "--config.checkpoint_every_steps=100", devices=1)  # fmt: skip
-    assert_one_line_error(done, "the loss became nan at step 2; no checkpoint before step 1 was written")
+               "--config.checkpoint_every_steps=100", "--config.grad_clip_norm=1.0", devices=1)  # fmt: skip
+    assert_one_line_error(done, f"the loss became nan at step 2; no checkpoint from before step 1 was written, so "
+                                f"{tmp_path} holds nothing to resume: start a new --workdir with a learning_rate "
+                                "lower than 1e+30")  # fmt: skip
+    assert "grad_clip_norm" not in done.stderr  # already set
     assert _all_checkpoints_finite(str(tmp_path)) == []
 
 
@@ -342,6 +369,71 @@ def test_cli_errors_are_one_line(tmp_path, tmp_weights: dict[str, str]) -> None:
     assert_one_line_error(done, "unknown model 'res2net5O'")
     done = _module("res2net_jax.predict", "--model=res2net50d", f"--weights={tmp_weights['pth']}", "a.png")
     assert_one_line_error(done, "checkpoint does not fit res2net50d")
+
+
+def test_predict_and_export_flags_are_checked_before_any_work(tmp_path, tmp_weights: dict[str, str]) -> None:
+    weights = f"--weights={tmp_weights['pth']}"
+    for flag in ("--top_k=0", "--top_k=-1", "--batch_size=0"):
+        done = _module("res2net_jax.predict", "--model=res2net50", weights, flag, "a.png")
+        assert_one_line_error(done, f"{flag} is not allowed: use a whole number >= 1")
+    for size in ("0", "8", "-1"):
+        done = _module("res2net_jax.export", "--format=onnx", "--model=res2net50", weights, f"--image_size={size}",
+                       f"--out={tmp_path / 'x.onnx'}")  # fmt: skip
+        assert_one_line_error(done, f"--image_size={size} is not allowed: the models take 32 px or more")
+    (tmp_path / "a_file").write_text("")  # in the way of the output's directory (root writes anywhere else)
+    out = tmp_path / "a_file" / "sub" / "x.safetensors"
+    done = _module("res2net_jax.export", "--format=torch", "--model=res2net50", weights, f"--out={out}")
+    assert_one_line_error(done, f"cannot write {out}: {tmp_path / 'a_file'} is not a writable directory")
+    assert os.listdir(tmp_path) == ["a_file"]
+
+
+CLI_FAULT = """
+import errno
+from res2net_jax import cli
+
+def main(argv):
+    if argv[1:] == ["full"]:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out.onnx")
+    for _ in range(200000):
+        print("a row of output")
+
+cli.run(main)
+"""
+
+
+def test_a_full_disk_and_a_closed_pipe_end_the_commands_in_one_line_or_quietly() -> None:
+    done = subprocess.run([sys.executable, "-c", CLI_FAULT, "full"], cwd=ROOT, capture_output=True, text=True)
+    assert_one_line_error(done, "error: no space left on the device writing /data/out.onnx: free some space")
+    reader = subprocess.Popen([sys.executable, "-c", CLI_FAULT], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert reader.stdout.readline() == "a row of output\n"
+    reader.stdout.close()  # as `| head -1` does
+    assert reader.wait(timeout=120) == 141 and reader.stderr.read() == ""
+
+
+def test_untrusted_class_names_cannot_act_on_the_terminal(tmp_path) -> None:
+    """A config.json's label names with an escape sequence (a terminal title change), a newline (a forged
+    result row) and a carriage return are written as escapes, in every format."""
+    from res2net_jax import create_model, save_pretrained
+
+    model = create_model("res2net50", num_classes=3, **OVERRIDES)
+    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    evil = ["\x1b]0;owned\x07cat", "dog\n  99.99%     0  forged", "bird\r"]
+    directory = tmp_path / "evil"
+    save_pretrained(directory, "res2net50", variables, class_names=evil, overrides=OVERRIDES)
+    image = tmp_path / "a.png"
+    Image.fromarray((np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8)).save(image)
+    outputs = {}
+    for kind in ("text", "csv", "json"):
+        done = _module("res2net_jax.predict", f"--weights={directory}", f"--format={kind}", str(image))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert not any(c in done.stdout for c in "\x1b\x07\r"), done.stdout
+        outputs[kind] = done.stdout
+    assert len(outputs["text"].splitlines()) == 4  # the path and three classes: no forged row
+    assert "\\x1b]0;owned\\x07cat" in outputs["text"] and "dog\\n  99.99%" in outputs["text"]
+    assert len(outputs["csv"].splitlines()) == 4
+    shown = {r"\x1b]0;owned\x07cat", r"dog\n  99.99%     0  forged", r"bird\r"}  # the escapes, as text
+    assert {row["label"] for row in json.loads(outputs["json"])[0]["top"]} == shown
 
 
 # --- 7. predict and export --------------------------------------------------------------------
