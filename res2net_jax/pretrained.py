@@ -12,6 +12,7 @@ directories.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from res2net_jax import convert, mindcv_weights, weight_files
+from res2net_jax.cli import one_line
 from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.inference import INTERPOLATIONS, DataConfig
 from res2net_jax.models import DLA
@@ -101,29 +103,84 @@ def resolve(name_or_path: str) -> Pretrained:
     or a directory in timm's format, as its config.json gives them (a registered name's own model).
     Downloads into huggingface_hub's cache if need be."""
     weights, config_path, name = _files(name_or_path)
-    config = {}
-    if config_path is not None:
-        with open(config_path) as f:
-            config = json.load(f)
+    config = _read_config(config_path) if config_path is not None else {}
+    where = config_path or name_or_path
     model = name or config.get("architecture")
+    if model is not None and not isinstance(model, str):
+        raise InvalidInputError(f"{where}: architecture={model!r} is not a model name")
+    if not isinstance(config.get("model_args", {}), dict):
+        raise InvalidInputError(f"{where}: model_args must be an object of timm's create_model arguments")
     overrides = from_model_args(config.get("model_args", {}))
-    data_config = _data_config(config["pretrained_cfg"], name_or_path) if config.get("pretrained_cfg") else None
-    return Pretrained(weights, model, overrides, config.get("label_names"), data_config)
+    data_config = _data_config(config["pretrained_cfg"], where) if config.get("pretrained_cfg") else None
+    return Pretrained(weights, model, overrides, _label_names(config, where), data_config)
 
 
-def _data_config(cfg: Mapping[str, Any], source: str) -> DataConfig:
-    """The evaluation transform a timm `pretrained_cfg` asks for, as timm's resolve_data_config reads it."""
+def _read_config(path: str) -> dict[str, Any]:
+    """A config.json as a JSON object; anything else is one line naming the file and the fix."""
+    fix = "fix it, or delete it (a hub download is then fetched again)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InvalidInputError(f"{path} is not readable JSON ({one_line(err)}): {fix}") from None
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"{path} holds a JSON {type(config).__name__}, not an object: {fix}")
+    return config
+
+
+MAX_INPUT_SIZE = 2048  # the largest evaluation size a config.json may ask for (ImageNet models: 224-600)
+
+
+def _label_names(config: Mapping[str, Any], where: str) -> list[str] | None:
+    """config.json's label_names: strings, one per class of its num_classes."""
+    names = config.get("label_names")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InvalidInputError(f"{where}: label_names must be a list of strings")
+    count = config.get("num_classes", len(names))
+    if len(names) != count:
+        raise InvalidInputError(f"{where}: {len(names)} label_names for num_classes={count}: give one name per class")
+    return names
+
+
+def _numbers(value: Any, count: int) -> bool:
+    """Whether `value` is a list of `count` finite numbers."""
+    if not isinstance(value, list | tuple) or len(value) != count:
+        return False
+    return all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+def _data_config(cfg: Any, where: str) -> DataConfig:
+    """The evaluation transform a timm `pretrained_cfg` asks for, as timm's resolve_data_config reads it;
+    a value that cannot work (wrong length, out of range, not a number) is one line naming it."""
+    if not isinstance(cfg, dict):
+        raise InvalidInputError(f"{where}: pretrained_cfg must be an object")
     default = DataConfig()
-    _, height, width = cfg.get("input_size", (3, default.input_size, default.input_size))
+    size = cfg.get("input_size", [3, default.input_size, default.input_size])
+    if not (_numbers(size, 3) and all(isinstance(v, int) for v in size)):
+        raise InvalidInputError(f"{where}: pretrained_cfg.input_size={size!r} is not [channels, height, width]")
+    channels, height, width = size
     if height != width:
-        raise InvalidInputError(f"{source}: input_size {height}x{width} is not square, as this package's "
+        raise InvalidInputError(f"{where}: input_size {height}x{width} is not square, as this package's "
                                 "evaluation transform needs")  # fmt: skip
+    if not 32 <= height <= MAX_INPUT_SIZE:
+        raise InvalidInputError(f"{where}: pretrained_cfg.input_size {height} px is outside 32-{MAX_INPUT_SIZE}")
+    crop_pct = cfg.get("crop_pct", default.crop_pct)
+    if not (_numbers([crop_pct], 1) and 0 < crop_pct <= 1):
+        raise InvalidInputError(f"{where}: pretrained_cfg.crop_pct={crop_pct!r} is not a number in (0, 1]")
+    mean, std = cfg.get("mean", list(default.mean)), cfg.get("std", list(default.std))
+    for field, value in (("mean", mean), ("std", std)):
+        if not _numbers(value, channels):
+            raise InvalidInputError(f"{where}: pretrained_cfg.{field}={value!r} is not {channels} numbers, "
+                                    "one per input channel")  # fmt: skip
+    if min(std) <= 0:
+        raise InvalidInputError(f"{where}: pretrained_cfg.std={std!r} must be positive (it divides the pixels)")
     interpolation = cfg.get("interpolation", default.interpolation)
     if interpolation not in INTERPOLATIONS:
-        raise InvalidInputError(f"{source}: interpolation {interpolation!r} is not supported "
+        raise InvalidInputError(f"{where}: interpolation {interpolation!r} is not supported "
                                 f"(use {' or '.join(INTERPOLATIONS)})")  # fmt: skip
-    mean, std = tuple(cfg.get("mean", default.mean)), tuple(cfg.get("std", default.std))
-    return DataConfig(height, cfg.get("crop_pct", default.crop_pct), mean, std, interpolation)
+    return DataConfig(height, float(crop_pct), tuple(mean), tuple(std), interpolation)
 
 
 def model_data_config(model_name: str) -> DataConfig:

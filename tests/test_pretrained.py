@@ -211,3 +211,44 @@ def test_list_pretrained_lists_exactly_the_names_that_load_weights() -> None:
     for name in sorted(set(list_models()) - set(listed)):
         with pytest.raises(MissingFileError, match=f"{name} has no published weights .*list_pretrained"):
             pretrained.check_published(name)
+
+
+BAD_CONFIGS = [  # (what config.json holds, the one line expected)
+    ("{not json", "is not readable JSON"),
+    ("", "is not readable JSON"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ('{"architecture": 7}', "architecture=7 is not a model name"),
+    ('{"pretrained_cfg": {"input_size": [3, 2]}}', "input_size=[3, 2] is not [channels, height, width]"),
+    ('{"pretrained_cfg": {"input_size": [3, 8, 8]}}', "input_size 8 px is outside 32-2048"),
+    ('{"pretrained_cfg": {"input_size": [3, 0, 0]}}', "input_size 0 px is outside 32-2048"),
+    ('{"pretrained_cfg": {"input_size": [3, 100000, 100000]}}', "input_size 100000 px is outside 32-2048"),
+    ('{"pretrained_cfg": {"crop_pct": 0}}', "crop_pct=0 is not a number in (0, 1]"),
+    ('{"pretrained_cfg": {"crop_pct": -1}}', "crop_pct=-1 is not a number in (0, 1]"),
+    ('{"pretrained_cfg": {"mean": "abc"}}', "mean='abc' is not 3 numbers, one per input channel"),
+    ('{"pretrained_cfg": {"mean": [0.5]}}', "mean=[0.5] is not 3 numbers, one per input channel"),
+    ('{"pretrained_cfg": {"std": [0, 0, 0]}}', "std=[0, 0, 0] must be positive"),
+    ('{"num_classes": 3, "label_names": ["a", "b"]}', "2 label_names for num_classes=3: give one name per class"),
+    ('{"label_names": "abc"}', "label_names must be a list of strings"),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_directory(tmp_path_factory: pytest.TempPathFactory) -> str:
+    directory = tmp_path_factory.mktemp("saved") / "model"
+    save_pretrained(directory, NAME, timm_pair(NAME, num_classes=3)[1])
+    return str(directory)
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS)
+def test_a_bad_config_json_is_one_line_naming_the_file(saved_directory: str, tmp_path, text: str, message: str) -> None:
+    """A save_pretrained directory or hub download whose config.json is torn, not an object, or asks for a
+    transform that cannot work (a 23 GB input, a division by zero, a silently broadcast mean)."""
+    from res2net_jax import pretrained
+
+    directory = tmp_path / "model"
+    shutil.copytree(saved_directory, directory)
+    (directory / "config.json").write_text(text)
+    with pytest.raises(InvalidInputError) as refused:
+        pretrained.resolve(str(directory))
+    assert str(directory / "config.json") in str(refused.value) and message in str(refused.value)
+    assert "\n" not in str(refused.value)
