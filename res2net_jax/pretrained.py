@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 from res2net_jax import convert, mindcv_weights, weight_files
 from res2net_jax.cli import one_line
@@ -75,6 +76,11 @@ def _files(name_or_path: str) -> tuple[str, str | None, str | None]:
         raise MissingFileError(f"{name_or_path} holds no {' or '.join(WEIGHTS_FILES)}")
     if name_or_path.startswith(HUB_PREFIX):
         repo_id, name = name_or_path.removeprefix(HUB_PREFIX), None
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            raise InvalidInputError(f"{name_or_path!r} does not name a hub repo: write hf-hub:ORG/NAME (letters, "
+                                    "digits, '-', '_' and '.')") from None  # fmt: skip
     else:
         check_published(name_or_path)
         name = get_spec(name_or_path).name
@@ -331,5 +337,14 @@ def push_to_hub(
     with tempfile.TemporaryDirectory() as scratch:
         directory = os.path.join(scratch, "model")
         save_pretrained(directory, model_name, variables, class_names, overrides, data_config)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message).commit_url
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message).commit_url
+        except HFValidationError:
+            raise InvalidInputError(f"{repo_id!r} is not a hub repo id: write ORG/NAME") from None
+        except Exception as err:  # huggingface_hub's HTTP errors and its HTTP client's network errors
+            raise MissingFileError(
+                f"the upload to hub repo {repo_id} failed ({type(err).__name__}: {one_line(err)}): check the network "
+                "(offline?) and that `hf auth login` (or the token) may write there; save_pretrained(DIR, ...) "
+                "then `hf upload` uploads the same files"
+            ) from None

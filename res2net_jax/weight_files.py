@@ -117,7 +117,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except (ImportError, UserError):
         raise
     except Exception as err:  # torch, zipfile and safetensors each raise their own types
-        raise InvalidInputError(f"cannot read weights file {path}: {err}") from err
+        raise InvalidInputError(f"cannot read weights file {path}: {err} (a torn download or copy? delete it, and "
+                                "download or copy it again)") from err  # fmt: skip
     if not isinstance(checkpoint, Mapping):
         raise InvalidInputError(f"weights file {path} holds a {type(checkpoint).__name__}, not a state dict")
     state_dict = {k: to_numpy(v) for k, v in _unwrap(checkpoint).items()}

@@ -252,3 +252,30 @@ def test_a_bad_config_json_is_one_line_naming_the_file(saved_directory: str, tmp
         pretrained.resolve(str(directory))
     assert str(directory / "config.json") in str(refused.value) and message in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def test_hub_faults_are_one_line_with_the_fix(saved_directory: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id that is a path (traversal), an upload with the hub unreachable (a closed loopback port as
+    HF_ENDPOINT), and a torn weights file in the cache: each one line saying what to do."""
+    import socket
+
+    from res2net_jax import pretrained
+
+    for bad in ("hf-hub:../../x", "hf-hub:org/a/b/c", "hf-hub:"):
+        with pytest.raises(InvalidInputError, match="does not name a hub repo: write hf-hub:ORG/NAME"):
+            pretrained.resolve(bad)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{port}")
+    _, variables = timm_pair(NAME, num_classes=2)
+    with pytest.raises(MissingFileError, match="the upload to hub repo org/digits failed .* check the network") as e:
+        push_to_hub("org/digits", NAME, variables, token="hf_not_a_token")
+    assert "\n" not in str(e.value)
+    torn = tmp_path / "torn"
+    shutil.copytree(saved_directory, torn)
+    data = (torn / "model.safetensors").read_bytes()
+    (torn / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidInputError, match="model.safetensors: .*delete it, and download or copy it again"):
+        from_pretrained(str(torn))
