@@ -174,13 +174,21 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _initial_variables(config: ml_collections.ConfigDict, model: nn.Module, num_classes: int) -> Any:
-    """config.init_weights (with a new head if reset_head), else a fresh initialisation."""
+def _init_weights_path(config: ml_collections.ConfigDict) -> str:
+    """The local path of config.init_weights: published weights (a name, hf-hub:ORG/REPO) are fetched."""
+    if pretrained.is_pretrained_id(config.init_weights):
+        return pretrained.resolve(config.init_weights).weights
+    return config.init_weights
+
+
+def _initial_variables(
+    config: ml_collections.ConfigDict, model: nn.Module, num_classes: int, init_path: str | None
+) -> Any:
+    """config.init_weights (`init_path` if already fetched; with a new head if reset_head), else a fresh
+    initialisation."""
     init_rng, head_rng = jax.random.split(jax.random.key(config.seed))
     if config.init_weights:
-        path = config.init_weights
-        if pretrained.is_pretrained_id(path):
-            path = pretrained.resolve(path).weights
+        path = init_path or _init_weights_path(config)
         return weight_files.load_variables(
             path, config.model, num_classes, config.reset_head, head_rng, config.model_overrides
         )
@@ -326,6 +334,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     schedule = steps.learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = steps.create_optimizer(config, schedule)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.AXIS))
+    # Published weights are fetched before the workdir is made: an unreachable hub leaves nothing behind.
+    init_path = _init_weights_path(config) if config.init_weights and not run_dir.has_run(workdir) else None
 
     held_lock = _open_workdir(config, info, workdir)  # noqa: F841 - the lock lasts as long as this reference
     meta = _checkpoint_meta(config, info)
@@ -335,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         state = checkpoints.restore(_abstract_state(config, model, tx, replicated), meta)
         if state is None:
-            variables = _initial_variables(config, model, info.num_classes)
+            variables = _initial_variables(config, model, info.num_classes, init_path)
             state = jax.device_put(steps.init_train_state(config, tx, variables), replicated)
         else:
             log.print(f"resumed from step {int(state.step)} in {workdir}")

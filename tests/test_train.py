@@ -136,8 +136,14 @@ def test_sigterm_and_ctrl_c_save_and_exit_cleanly(stop: signal.Signals, noise_fo
     manager.close()
 
 
-def test_bad_inputs_are_clear_errors(noise_folder: str, reference_run: str, tmp_path) -> None:
+def test_bad_inputs_are_clear_errors(
+    noise_folder: str, reference_run: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     new = str(tmp_path / "new")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache, and no network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    done = run(new, noise_folder, "--config.init_weights=hf-hub:org/not-cached", devices=1)
+    assert_one_line_error(done, "org/not-cached/model.safetensors is not in the Hugging Face cache")
     done = run(new, noise_folder, "--config.learning_rte=0.1")
     assert_one_line_error(done, """unknown config field 'learning_rte' Did you mean "learning_rate" instead""")
     assert_one_line_error(run(new, noise_folder, "--config.model=res2net5O"), "unknown model 'res2net5O'")
