@@ -187,6 +187,10 @@ def dataset_info(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
         if "[" in split and isinstance(builder, tfds.folder_dataset.ImageFolder):
             raise InvalidInputError(f"an image folder's split is a whole directory: {split!r} cannot be sliced; "
                                     "move the images to keep into a directory of their own")  # fmt: skip
+    for split in (train_split, eval_split):  # found now, not after an epoch of training
+        if splits[split].num_examples == 0:
+            raise InvalidInputError(f"split {split!r} of {config.dataset} holds no examples: name a split that has "
+                                    "some (config.train_split, config.eval_split), or add images to it")  # fmt: skip
     label = builder.info.features["label"]
     return DatasetInfo(
         num_classes=label.num_classes,

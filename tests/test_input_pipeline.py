@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import shutil
 import subprocess
 import sys
 
@@ -236,6 +237,12 @@ def test_image_folder_dataset(tmp_path) -> None:
     assert sum(float(b["mask"].sum()) for b in eval_batches) == 6
     with pytest.raises(ValueError, match=r"'train\[:50%\]' cannot be sliced"):
         input_pipeline.dataset_info(builder, _config("", dataset=f"folder:{tmp_path}", train_split="train[:50%]"))
+    for name in ("cat", "dog"):  # class folders left empty in validation: found before any training
+        shutil.rmtree(tmp_path / "validation" / name)
+        (tmp_path / "validation" / name).mkdir()
+    empty = _config("", dataset=f"folder:{tmp_path}")
+    with pytest.raises(ValueError, match="split 'validation' of folder:.* holds no examples: name a split"):
+        input_pipeline.dataset_info(input_pipeline.get_builder(empty), empty)
 
 
 def test_dataset_errors_say_what_to_do(tmp_path) -> None:
