@@ -55,6 +55,80 @@ class DatasetInfo:
     class_names: tuple[str, ...]
 
 
+FOLDER_IMAGE_TYPES = (".jpg", ".jpeg", ".png")  # what TFDS's ImageFolder reads; it skips other files
+# An image file's first and last bytes: JPEG's start-of-image and end-of-image markers, PNG's signature
+# and IEND chunk (its type and CRC). A file that is not an image, or was cut short, fails them.
+_IMAGE_MARKS = {".jpg": (b"\xff\xd8\xff", b"\xff\xd9"), ".jpeg": (b"\xff\xd8\xff", b"\xff\xd9"),
+                ".png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82")}  # fmt: skip
+
+
+def _is_whole_image(path: str, marks: tuple[bytes, bytes]) -> bool:
+    """Whether `path` starts as its type's files do and ends with their end mark; a file whose end mark is
+    not in its last bytes (cut short, or data appended after the image, as some cameras do) is decoded
+    whole (by PIL: TensorFlow's decoder logs to stderr what it refuses)."""
+    start, end = marks
+    with open(path, "rb") as f:
+        if f.read(len(start)) != start:
+            return False
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64))
+        if end in f.read():
+            return True
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for truncated and malformed data
+        return False
+    return True
+
+
+def scan_image_folder(root: str, splits: list[str]) -> str:
+    """Checks an image folder before TFDS reads it and says what it reads and skips, in one line.
+
+    Refused, naming the files: images that are not whole JPEG/PNG files (text named .jpg, random bytes, a
+    truncated file: tf.data would stop training with a traceback that names none of them), a class with
+    no image in the training split, a class present only in evaluation splits (never trained). Files of
+    other types and sub-folders inside a class folder are skipped, as TFDS skips them, and counted."""
+    counts: dict[str, dict[str, int]] = {}
+    bad, skipped = [], []
+    for split in splits:
+        split_dir = os.path.join(root, split)
+        counts[split] = {}
+        for label in sorted(os.listdir(split_dir)):
+            class_dir = os.path.join(split_dir, label)
+            if not os.path.isdir(class_dir):
+                continue
+            counts[split][label] = 0
+            for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
+                extension = os.path.splitext(entry.name)[1].lower()
+                if not entry.is_file() or extension not in FOLDER_IMAGE_TYPES:
+                    skipped.append(os.path.relpath(entry.path, root) + ("/" if entry.is_dir() else ""))
+                elif not _is_whole_image(entry.path, _IMAGE_MARKS[extension]):
+                    bad.append(entry.path)
+                else:
+                    counts[split][label] += 1
+    if bad:
+        listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise InvalidInputError(f"{len(bad)} file(s) in {root} are not whole JPEG or PNG images: {listed}; "
+                                "repair, convert or remove them")  # fmt: skip
+    train = "train" if "train" in counts else splits[0]
+    empty = [label for label, n in counts[train].items() if n == 0]
+    if empty:
+        raise InvalidInputError(f"class {empty[0]!r} of {root}/{train} holds no .jpg/.jpeg/.png image: add some, "
+                                "convert its images, or remove the class")  # fmt: skip
+    for split in splits:
+        untrained = sorted(set(counts[split]) - set(counts[train]))
+        if untrained:
+            raise InvalidInputError(f"class {untrained[0]!r} is in {root}/{split} but not in {root}/{train}: it would "
+                                    "be evaluated but never trained; add it to training or remove it")  # fmt: skip
+    summary = ", ".join(f"{split} {sum(c.values())} images" for split, c in counts.items())
+    note = ""
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        note = f"; skipped {len(skipped)} entries that are not .jpg/.jpeg/.png files ({shown})"
+    return f"{FOLDER_PREFIX}{root}: {len(counts[train])} classes, {summary}{note}"
+
+
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `config.dataset`, prepared (built or downloaded) if it is not yet.
 
@@ -74,6 +148,7 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
                 f"image folder {root} must hold one directory per split (train/, validation/), "
                 "each with one directory of images per class"
             )
+        print(scan_image_folder(root, splits), flush=True)
         return tfds.folder_dataset.ImageFolder(root)
     base_name = name.split(":")[0].split("/")[0]
     known = tfds.list_builders(with_community_datasets=False)  # the community list would be fetched from GCS

@@ -436,6 +436,20 @@ def test_untrusted_class_names_cannot_act_on_the_terminal(tmp_path) -> None:
     assert {row["label"] for row in json.loads(outputs["json"])[0]["top"]} == shown
 
 
+def test_a_bad_image_in_a_folder_dataset_is_named_before_training(tmp_path) -> None:
+    """A text file named .jpg among the training images: one line naming it, no workdir, no hang."""
+    root = tmp_path / "images"
+    for split in ("train", "validation"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            Image.fromarray(np.zeros((36, 36, 3), np.uint8)).save(root / split / label / "0.png")
+    (root / "train" / "b" / "readme.jpg").write_text("not an image")
+    workdir = tmp_path / "run"
+    done = run(str(workdir), f"folder:{root}", devices=1, timeout=300)
+    assert_one_line_error(done, f"1 file(s) in {root} are not whole JPEG or PNG images: {root}/train/b/readme.jpg")
+    assert not workdir.exists()
+
+
 # --- 7. predict and export --------------------------------------------------------------------
 
 

@@ -245,6 +245,48 @@ def test_image_folder_dataset(tmp_path) -> None:
         input_pipeline.dataset_info(input_pipeline.get_builder(empty), empty)
 
 
+def _image_folder(root, counts: dict[str, dict[str, int]]) -> str:
+    """folder:ROOT with counts[split][class] small PNG images."""
+    rng = np.random.RandomState(0)
+    for split, classes in counts.items():
+        for label, count in classes.items():
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray((rng.rand(36, 36, 3) * 255).astype(np.uint8)).save(root / split / label / f"{i}.png")
+    return f"folder:{root}"
+
+
+def test_an_image_folder_is_checked_and_what_is_skipped_is_said(tmp_path, capsys) -> None:
+    """Files that are not whole images are named before training (tf.data stopped mid-epoch with a
+    traceback naming none of them); other files and sub-folders are skipped and counted; a class with no
+    image to train on, or only in validation, is refused."""
+    dataset = _image_folder(tmp_path / "ok", {"train": {"a": 3, "b": 3}, "validation": {"a": 2, "b": 1}})
+    (tmp_path / "ok" / "train" / "a" / "clip.gif").write_bytes(b"GIF89a")
+    (tmp_path / "ok" / "train" / "b" / "more").mkdir()
+    config = _config("", dataset=dataset)
+    input_pipeline.get_builder(config)
+    assert capsys.readouterr().out.strip() == (
+        f"{dataset}: 2 classes, train 6 images, validation 3 images; skipped 2 entries that are not "
+        ".jpg/.jpeg/.png files (train/a/clip.gif, train/b/more/)"
+    )
+    bad = tmp_path / "bad"
+    dataset = _image_folder(bad, {"train": {"a": 2, "b": 2}, "validation": {"a": 1, "b": 1}})
+    good = (bad / "train" / "a" / "0.png").read_bytes()
+    (bad / "train" / "a" / "notes.jpg").write_text("not an image")
+    (bad / "train" / "b" / "noise.png").write_bytes(np.random.RandomState(1).bytes(4000))
+    (bad / "validation" / "b" / "cut.png").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"3 file\(s\) in .* are not whole JPEG or PNG images: .*notes\.jpg, "
+                                         r".*noise\.png, .*cut\.png; repair, convert or remove them"):  # fmt: skip
+        input_pipeline.get_builder(_config("", dataset=dataset))
+    gifs = _image_folder(tmp_path / "gifs", {"train": {"a": 2, "b": 0}, "validation": {"a": 1, "b": 1}})
+    (tmp_path / "gifs" / "train" / "b" / "only.gif").write_bytes(b"GIF89a")
+    with pytest.raises(ValueError, match="class 'b' of .*/train holds no .jpg/.jpeg/.png image"):
+        input_pipeline.get_builder(_config("", dataset=gifs))
+    extra = _image_folder(tmp_path / "extra", {"train": {"a": 2, "b": 2}, "validation": {"a": 1, "c": 1}})
+    with pytest.raises(ValueError, match="class 'c' is in .*/validation but not in .*/train: it would be evaluated"):
+        input_pipeline.get_builder(_config("", dataset=extra))
+
+
 def test_dataset_errors_say_what_to_do(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown dataset 'cifar1O'.*Did you mean.*cifar10"):
         input_pipeline.get_builder(_config(str(tmp_path), dataset="cifar1O"))
