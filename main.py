@@ -13,7 +13,7 @@ from res2net_jax import cli
 cli.quiet_startup()  # before anything imports TensorFlow
 cli.require_training_modules()
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from res2net_jax.errors import InvalidInputError  # noqa: E402
@@ -33,9 +33,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with an unknown --config.key reported in one line instead of a traceback."""
+    """The commands' flag parsing (`cli.parse_flags`), with an unknown --config.key reported in one line
+    instead of a traceback."""
     try:
-        return app.parse_flags_with_usage(argv)
+        return cli.parse_flags(argv)
     except (AttributeError, KeyError) as err:  # ml_collections' way of rejecting an unknown field
         cause = err.args[0] if err.args else err
         detail = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)

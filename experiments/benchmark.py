@@ -38,6 +38,8 @@ from typing import Any
 import report
 from absl import app, flags
 
+from res2net_jax import cli
+
 IMAGENET_TRAIN = 1_281_167
 SEED_MODELS = "res2net50,res2net101,res2net50_v1b,res2net101_v1b"
 
@@ -366,4 +368,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

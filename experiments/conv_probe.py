@@ -16,6 +16,8 @@ from typing import Any
 import report
 from absl import app, flags
 
+from res2net_jax import cli
+
 _BATCH = flags.DEFINE_integer("batch", 16, "Images per call.")
 _SHAPES = flags.DEFINE_list("shapes", ["26x56", "104x56", "64x112"], "CHANNELSxSIZE of each convolution.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per figure, after one untimed call.")
@@ -73,4 +75,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

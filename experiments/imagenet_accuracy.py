@@ -20,6 +20,8 @@ from typing import Any
 import report
 from absl import app, flags, logging
 
+from res2net_jax import cli
+
 _WEIGHTS = flags.DEFINE_list("weights", None, "name=path pairs: a registered model and its weights.", required=True)
 _DATASET = flags.DEFINE_string("dataset", "imagenet2012", "TFDS name or folder:PATH.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data directory ('' for TFDS's default).")
@@ -78,4 +80,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -35,6 +35,8 @@ import numpy as np
 import report
 from absl import app, flags, logging
 
+from res2net_jax import cli
+
 _DATASET = flags.DEFINE_string("dataset", "", "folder:PATH with train/ and validation/; '' writes synthetic JPEGs.")
 _IMAGES = flags.DEFINE_integer("images", 1024, "Synthetic JPEGs to write per split when --dataset is ''.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Images per batch.")
@@ -332,4 +334,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

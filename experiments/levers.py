@@ -73,3 +73,7 @@ def applied(name: str) -> Iterator[None]:
         raise ValueError(f"unknown lever {name!r}: choose from {', '.join(LEVERS)}")
     with nn.intercept_methods(LEVERS[name]):
         yield
+
+
+if __name__ == "__main__":  # a module the scripts import: run, it says what it is
+    print(__doc__)

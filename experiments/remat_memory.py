@@ -23,7 +23,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from res2net_jax import create_model, steps
+from res2net_jax import cli, create_model, steps
 
 _MODELS = flags.DEFINE_list("models", ["res2net50", "res2net50d"], "Registered names.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Training batch size on the one device.")
@@ -84,4 +84,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -140,8 +140,14 @@ def chart(report: dict[str, Any], path: str) -> None:
 
 
 def main(paths: list[str]) -> None:
+    if any(path in ("--help", "-h") for path in paths):
+        print(__doc__)
+        return
     if len(paths) not in (1, 2):
-        raise SystemExit("usage: render.py BENCHMARK.json [ACCURACY.json]")
+        raise SystemExit("usage: render.py BENCHMARK.json [ACCURACY.json] (see --help)")
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise SystemExit(f"error: {missing[0]} does not exist: name a JSON file that benchmark.py wrote")
     with open(paths[0]) as f:
         report = json.load(f)
     measured = None

@@ -84,3 +84,7 @@ def write(path: str, packages: tuple[str, ...], settings: dict[str, Any], *, upd
         json.dump(body, f, indent=1)
     os.replace(f"{path}.tmp", path)
     print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":  # a module the scripts import: run, it says what it is
+    print(__doc__)

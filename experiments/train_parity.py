@@ -25,6 +25,7 @@ import numpy as np
 import report
 from absl import app, flags
 
+from res2net_jax import cli
 from res2net_jax import workdir as workdir_files
 
 _SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds 0 .. N-1 on each side.")
@@ -138,4 +139,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

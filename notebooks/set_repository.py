@@ -72,6 +72,9 @@ def rewrite(root: str = ROOT) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if any(arg in ("--help", "-h") for arg in argv[1:]):
+        print(__doc__)
+        return
     if len(argv) > 2:
         raise SystemExit("usage: python notebooks/set_repository.py [https://github.com/OWNER/REPO]")
     if len(argv) == 2:

@@ -59,9 +59,29 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for every command here: --help prints the command's docstring and flags and
+    exits 0 (absl exits 1), and a bad or missing flag is one line (absl's is two, starting FATAL)."""
+    from absl import app, flags
+
+    asked = [arg for arg in argv[1:] if arg in HELP_FLAGS]
+    if asked:
+        app.usage(shorthelp=asked[0] != "--helpfull", writeto_stdout=True, exitcode=0)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        sys.exit(f"error: {one_line(err)} (see --help)")
+
+
 def run(main: Callable[[list[str]], Any], **app_run_kwargs: Any) -> None:
-    """absl's app.run(main), printing a UserError as one line instead of a traceback."""
+    """absl's app.run(main) with `parse_flags` (unless given another parser), printing a UserError as one
+    line instead of a traceback."""
     from absl import app
+
+    app_run_kwargs.setdefault("flags_parser", parse_flags)
 
     def guarded(argv: list[str]) -> Any:
         try:

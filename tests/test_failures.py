@@ -532,3 +532,33 @@ def test_freeze_bn_needs_frozen_parameters() -> None:
         config_check.check(config)
     config.freeze = "^(conv1|bn1|layer1_)"
     config_check.check(config)
+
+
+HELP = [  # (command, the start of its docstring)
+    (["main.py"], "Trains or validates a Res2Net."),
+    (["-m", "res2net_jax.predict"], "Top-k classes of image files."),
+    (["-m", "res2net_jax.export"], "Writes a model's weights in another format."),
+    (["experiments/benchmark.py"], "Training and inference speed of res2net_jax (jit and eager) and timm"),
+    (["experiments/render.py"], "Renders a benchmark JSON as the seed's performance table"),
+    (["experiments/levers.py"], "Candidate optimisations of res2net_jax's train step"),
+    (["notebooks/set_repository.py"], "Points the notebooks and the README at the repository"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "first_line"), HELP, ids=lambda value: " ".join(value)[-30:] if isinstance(value, list) else ""
+)
+def test_every_command_answers_help(command: list[str], first_line: str) -> None:
+    """--help prints what the command does (its docstring and flags) and exits 0."""
+    done = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=dict(env(1), PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    assert done.stdout.startswith(first_line), done.stdout[:500]
+
+
+def test_a_missing_or_bad_flag_is_one_line() -> None:
+    done = subprocess.run([sys.executable, "main.py", "--config=configs/quickstart.py"], cwd=ROOT, env=env(1),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert_one_line_error(done, "error: flag --workdir=None: Flag --workdir must have a value other than None.")
+    done = _module("res2net_jax.predict", "--top_k=abc", "--weights=x", "a.png")
+    assert_one_line_error(done, "error: flag --top_k=abc: invalid literal for int()")
