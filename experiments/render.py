@@ -55,10 +55,13 @@ def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str
         + " | " + " | ".join(f"infer ms/32 ({label})" for _, label in MODES) + " |",
         "|---" * (3 + 2 * len(MODES)) + "|",
     ]  # fmt: skip
+    reduced = settings.get("layers", "the model's own") not in ("the model's own", [])  # a smoke run's blocks
     for name, modes in report["models"].items():
         epochs = [_number(modes.get(mode, {}).get("s_per_epoch"), 0) for mode, _ in MODES]
         latency = [_number(modes.get(mode, {}).get("infer_b32_ms")) for mode, _ in MODES]
-        lines.append(f"| {name} | " + " | ".join(_accuracy(name, measured) + epochs + latency) + " |")
+        accuracy = ["-", "-"] if reduced else _accuracy(name, measured)  # the published figures are full-size's
+        label = f"{name} (layers {','.join(map(str, settings['layers']))})" if reduced else name
+        lines.append(f"| {label} | " + " | ".join(accuracy + epochs + latency) + " |")
     failures = [f"{name} {mode}: {figures['error']}" for name, modes in report["models"].items()
                 for mode, figures in modes.items() if "error" in figures]  # fmt: skip
     for failure in failures:

@@ -100,7 +100,8 @@ def main(argv: list[str]) -> None:
         _DEPLOY[_FORMAT.value](model, variables, image_size, out)
     else:
         weight_files.save_variables(variables, out)
-    print(f"wrote {name} ({convert.num_classes_of(variables)} classes) as {_FORMAT.value} to {out}")
+    changed = "".join(f", {key}={value}" for key, value in overrides.items())  # a reduced network says so
+    print(f"wrote {name}{changed} ({convert.num_classes_of(variables)} classes) as {_FORMAT.value} to {out}")
 
 
 if __name__ == "__main__":

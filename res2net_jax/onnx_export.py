@@ -34,7 +34,10 @@ def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise MissingDependencyError(f"ONNX export needs {module}: pip install 'res2net_jax[onnx]'") from err
+        raise MissingDependencyError(
+            f"ONNX export needs {module}: pip install -e '.[onnx]' in the repository (elsewhere: pip install onnx "
+            "onnxruntime)"
+        ) from err
 
 
 def _dims(shape: Sequence[Any], symbolic: Any) -> list[Any]:

@@ -105,8 +105,8 @@ def test_benchmark_measures_and_renders_at_a_tiny_size(tmp_path) -> None:
     assert rendered.returncode == 0, rendered.stderr[-3000:]
     markdown = (tmp_path / "tiny.md").read_text()
     assert markdown.startswith(f"{report['card']}, {report['date']}, batch 4, 32 px, bfloat16; python ")
-    row = next(line for line in markdown.splitlines() if line.startswith("| res2net50_v1b |"))
-    assert row.startswith("| res2net50_v1b | 80.28* | 95.03* | ")  # timm's published figures, marked
+    row = next(line for line in markdown.splitlines() if line.startswith("| res2net50_v1b (layers 1,1,1,1) |"))
+    assert row.startswith("| res2net50_v1b (layers 1,1,1,1) | - | - | ")  # a reduced network: no published figures
     assert f"{modes['jit']['s_per_epoch']:,.0f}" in row
     ratio = modes["jit"]["train_img_s"] / modes["timm_eager"]["train_img_s"]
     assert f"| res2net50_v1b | {ratio:.2f}x | - |" in markdown
