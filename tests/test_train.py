@@ -259,3 +259,22 @@ def test_fine_tuning_starts_from_given_weights_with_a_new_head(reference_run: st
     np.testing.assert_array_equal(
         _params(from_hub)["layer1_0"]["conv1"]["kernel"], tuned["layer1_0"]["conv1"]["kernel"]
     )
+
+
+def test_an_input_bound_period_is_reported_with_the_host_rate() -> None:
+    """The loop's wait for host batches is timed (here a pipeline that takes 50 ms a batch of 8), and a
+    period that waited more than half its time is one line with the host's rate; one that did not is none."""
+    from res2net_jax import train
+
+    def slow_pipeline():
+        for _ in range(4):
+            time.sleep(0.05)
+            yield {"image": np.zeros((8, 4, 4, 3), np.uint8), "label": np.zeros(8, np.int32)}
+
+    feed = train._TimedBatches(slow_pipeline())
+    assert len(list(feed)) == 4 and feed.images == 32 and 0.2 <= feed.waited < 0.4
+    note = train.input_bound_note(waited_s=6.0, elapsed_s=10.0, images=4000)
+    assert note == ("input-bound: training waited for the input pipeline 60% of the time since the last evaluation "
+                    "(the host delivered 400 img/s); more CPU cores for the input pipeline, or the dataset prepared "
+                    "on local disk, would train faster")  # fmt: skip
+    assert train.input_bound_note(waited_s=5.0, elapsed_s=10.0, images=4000) is None  # half: the input kept up
