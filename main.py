@@ -29,6 +29,7 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+_PEER_TIMEOUT = flags.DEFINE_integer("peer_timeout_s", 300, "Seconds a multi-host process waits for the others.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> None:
     from res2net_jax import input_pipeline, train
 
     input_pipeline.hide_tf_from_accelerators()
-    train.start_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    train.start_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _PEER_TIMEOUT.value)
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
     if _MODE.value == "train":
         train.train_and_evaluate(config, workdir)

@@ -60,23 +60,58 @@ def cluster_manager(environ: dict[str, str] | None = None) -> str | None:
     """The cluster manager that started this process as one of several, if JAX can find its peers from
     the environment: Slurm (srun), Open MPI (mpirun) or a multi-host TPU slice; else None."""
     env = os.environ if environ is None else environ
+
+    def count(name: str) -> int:
+        value = env.get(name, "1")
+        if not value.strip().isdigit():
+            raise InvalidInputError(f"the environment variable {name}={value!r} is not a process count (the "
+                                    "cluster manager did not set it): unset it, or start with srun/mpirun")  # fmt: skip
+        return int(value)
+
     slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-    if all(k in env for k in slurm) and int(env["SLURM_NTASKS"]) > 1:
+    if all(k in env for k in slurm) and count("SLURM_NTASKS") > 1:
         return "Slurm"
-    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    if "OMPI_MCA_orte_hnp_uri" in env and count("OMPI_COMM_WORLD_SIZE") > 1:
         return "Open MPI"
     if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         return "a multi-host TPU slice"
     return None
 
 
-def start_processes(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+def check_process_flags(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Refuses, before JAX starts, multi-host flags that cannot form a run (JAX segfaults on a bad port
+    and waits minutes on a partial set): all three or none, host:port, 0 <= process_id < num_processes."""
+    given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+             "--process_id": process_id}  # fmt: skip
+    named = [flag for flag, value in given.items() if value is not None]
+    if not named:
+        return
+    if len(named) < 3:
+        missing = ", ".join(flag for flag in given if flag not in named)
+        raise InvalidInputError(f"{', '.join(named)} without {missing}: a multi-host run started by hand names "
+                                "all three on every process (under Slurm, Open MPI or a TPU slice, none)")  # fmt: skip
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"--coordinator_address={coordinator_address!r} is not host:port (process 0's "
+                                "host and a free port, e.g. host0:1234)")  # fmt: skip
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise InvalidInputError(f"--process_id={process_id} with --num_processes={num_processes}: each process "
+                                f"takes one id from 0 to {num_processes - 1}")  # fmt: skip
+
+
+def start_processes(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None, timeout_s: int = 300
+) -> None:
     """Joins the processes of a multi-host run: the ones named by the arguments, or those a cluster
-    manager started (JAX reads them from its environment); a lone process starts alone."""
-    if coordinator_address or num_processes:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif cluster_manager() is not None:
-        jax.distributed.initialize()
+    manager started (JAX reads them from its environment); a lone process starts alone. Waiting for the
+    others says so, and gives up after `timeout_s`."""
+    check_process_flags(coordinator_address, num_processes, process_id)
+    manager = cluster_manager()
+    if coordinator_address is None and manager is None:
+        return
+    where = f"at {coordinator_address}" if coordinator_address else f"started by {manager}"
+    print(f"waiting up to {timeout_s} s for the processes {where} (--peer_timeout_s)", flush=True)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout_s)
 
 
 # --- Host side --------------------------------------------------------------------------------

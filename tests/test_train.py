@@ -278,3 +278,35 @@ def test_an_input_bound_period_is_reported_with_the_host_rate() -> None:
                     "(the host delivered 400 img/s); more CPU cores for the input pipeline, or the dataset prepared "
                     "on local disk, would train faster")  # fmt: skip
     assert train.input_bound_note(waited_s=5.0, elapsed_s=10.0, images=4000) is None  # half: the input kept up
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"process_id": 1}, "--process_id without --coordinator_address, --num_processes: a multi-host run"),
+        ({"coordinator_address": "h:1", "num_processes": 2}, "without --process_id"),
+        ({"coordinator_address": "localhost:notaport", "num_processes": 2, "process_id": 0}, "is not host:port"),
+        ({"coordinator_address": ":1234", "num_processes": 2, "process_id": 0}, "is not host:port"),
+        ({"coordinator_address": "h:1234", "num_processes": 2, "process_id": 2}, "takes one id from 0 to 1"),
+        ({"coordinator_address": "h:1234", "num_processes": 0, "process_id": 0}, "takes one id from 0 to -1"),
+    ],
+)
+def test_multi_host_flags_are_checked_before_jax_starts(flags: dict, message: str) -> None:
+    """JAX segfaulted on a port that is not a number and ignored --process_id alone."""
+    from res2net_jax import errors, train
+
+    settings = {"coordinator_address": None, "num_processes": None, "process_id": None, **flags}
+    with pytest.raises(errors.InvalidInputError, match=re.escape(message)):
+        train.check_process_flags(**settings)
+
+
+def test_a_cluster_managers_garbled_environment_is_one_line() -> None:
+    from res2net_jax import errors, train
+
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "h", "SLURM_NTASKS": "two", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}  # fmt: skip
+    with pytest.raises(errors.InvalidInputError, match="SLURM_NTASKS='two' is not a process count"):
+        train.cluster_manager(slurm)
+    with pytest.raises(errors.InvalidInputError, match="OMPI_COMM_WORLD_SIZE='' is not a process count"):
+        train.cluster_manager({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": ""})
+    assert train.cluster_manager({**slurm, "SLURM_NTASKS": "2"}) == "Slurm"
