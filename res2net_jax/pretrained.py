@@ -11,14 +11,18 @@ directories.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import socket
 import tempfile
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import huggingface_hub.constants
 import jax
 import jax.numpy as jnp
 from huggingface_hub import HfApi, hf_hub_download
@@ -38,11 +42,26 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm reads, in its order
 
 
+@functools.cache
+def _reachable(endpoint: str) -> bool:
+    """Whether the hub's host accepts a connection within 3 s (checked once per endpoint and process)."""
+    address = urllib.parse.urlsplit(endpoint)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        socket.create_connection((address.hostname, port), timeout=3).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _from_hub(repo_id: str, filename: str) -> str | None:
     """The local path of `filename` in hub repo `repo_id`, downloaded into the cache if need be; None if
-    the repo has no such file. Unreachable hub and file not cached: one line saying how to get it."""
+    the repo has no such file. Unreachable hub and file not cached: one line saying how to get it.
+
+    An unreachable hub is found by one connection attempt, and then only the cache is read: asked to
+    download, huggingface_hub retries for about 25 s, printing a warning for each try."""
     try:
-        return hf_hub_download(repo_id, filename)
+        return hf_hub_download(repo_id, filename, local_files_only=not _reachable(huggingface_hub.constants.ENDPOINT))
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: first
         raise MissingFileError(
             f"{repo_id}/{filename} is not in the Hugging Face cache and the hub cannot be reached (offline?): "
