@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
 
 import ml_collections
@@ -26,7 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from res2net_jax import digits  # noqa: F401 - registers the offline `sklearn_digits` dataset
+from res2net_jax import digits, network  # digits registers the offline `sklearn_digits` dataset
 from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.steps import update_batch_size
 
@@ -173,10 +174,27 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
                 )
             print(f"building {name} from {manual_dir}, once (hours for the whole of ImageNet)", flush=True)
             download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+        else:
+            _check_downloadable(builder, name)
         if not sys.stderr.isatty():  # TFDS's progress bars print raw escape sequences into a log
             tfds.disable_progress_bar()
         builder.download_and_prepare(download_config=download_config)
     return _read_by_index(builder)
+
+
+def _check_downloadable(builder: tfds.core.DatasetBuilder, name: str) -> None:
+    """Refuses, in one line and at once, a dataset TFDS would download when its homepage's host cannot be
+    reached: TFDS's client retries for about 3.5 minutes and ends in a 155-line traceback."""
+    homepage = builder.info.homepage
+    if isinstance(builder, digits.SklearnDigits) or not homepage or network.reachable(homepage):
+        return
+    root = builder.data_dir_root
+    raise MissingFileError(
+        f"{name} is not prepared in {root} and TFDS must download it, but {urllib.parse.urlsplit(homepage).hostname} "
+        f"cannot be reached (offline?): prepare it where there is network (tfds build {name} "
+        f"--file_format=array_record) and copy its directory into {root}, or point --config.data_dir at a "
+        "directory that holds it"
+    )
 
 
 def _read_by_index(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:

@@ -11,13 +11,10 @@ directories.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import socket
 import tempfile
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -34,24 +31,13 @@ from res2net_jax.cli import one_line
 from res2net_jax.errors import InvalidInputError, MissingFileError
 from res2net_jax.inference import INTERPOLATIONS, DataConfig
 from res2net_jax.models import DLA
+from res2net_jax.network import reachable
 from res2net_jax.outputs import atomic_output
 from res2net_jax.registry import MINDCV_WEIGHTS, create_model, get_spec, list_models
 
 HUB_PREFIX = "hf-hub:"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm reads, in its order
-
-
-@functools.cache
-def _reachable(endpoint: str) -> bool:
-    """Whether the hub's host accepts a connection within 3 s (checked once per endpoint and process)."""
-    address = urllib.parse.urlsplit(endpoint)
-    port = address.port or (443 if address.scheme == "https" else 80)
-    try:
-        socket.create_connection((address.hostname, port), timeout=3).close()
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def _from_hub(repo_id: str, filename: str) -> str | None:
@@ -61,7 +47,7 @@ def _from_hub(repo_id: str, filename: str) -> str | None:
     An unreachable hub is found by one connection attempt, and then only the cache is read: asked to
     download, huggingface_hub retries for about 25 s, printing a warning for each try."""
     try:
-        return hf_hub_download(repo_id, filename, local_files_only=not _reachable(huggingface_hub.constants.ENDPOINT))
+        return hf_hub_download(repo_id, filename, local_files_only=not reachable(huggingface_hub.constants.ENDPOINT))
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: first
         raise MissingFileError(
             f"{repo_id}/{filename} is not in the Hugging Face cache and the hub cannot be reached (offline?): "

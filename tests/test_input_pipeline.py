@@ -287,6 +287,31 @@ def test_an_image_folder_is_checked_and_what_is_skipped_is_said(tmp_path, capsys
         input_pipeline.get_builder(_config("", dataset=extra))
 
 
+def test_a_dataset_to_download_without_network_is_one_line_at_once(tmp_path, monkeypatch) -> None:
+    """TFDS's client retried for 3.5 minutes, ended in a 155-line traceback and left .tmp folders; here the
+    homepage's host is tried once (a closed loopback port and a listening one show what it tells), and an
+    unreachable one is one line before anything is written."""
+    import socket
+
+    from res2net_jax import network
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert network.reachable(f"http://127.0.0.1:{port}/page")
+    assert not network.reachable(f"http://127.0.0.1:{port}/page", timeout_s=2.0)  # closed now
+    monkeypatch.setattr(network, "reachable", lambda url: False)
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(
+        FileNotFoundError,
+        match="cifar10 is not prepared in .* and TFDS must download it, but "
+        "www.cs.toronto.edu cannot be reached .offline.*tfds build cifar10",
+    ):
+        input_pipeline.get_builder(_config(str(data_dir), dataset="cifar10"))
+    assert not data_dir.exists() or not any(data_dir.rglob("*"))
+
+
 def test_dataset_errors_say_what_to_do(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown dataset 'cifar1O'.*Did you mean.*cifar10"):
         input_pipeline.get_builder(_config(str(tmp_path), dataset="cifar1O"))
