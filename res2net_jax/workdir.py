@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import gc
 import json
@@ -53,6 +54,23 @@ class WorkdirBusyError(UserError):
 
 class NonFiniteStateError(UserError):
     """A state with NaN or infinite values, which is never checkpointed."""
+
+
+class DiskFullError(UserError):
+    """The workdir's disk filled up while a checkpoint was written."""
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """Whether an error (Orbax's, TensorStore's or the OS's, whatever its type) is a full disk."""
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+
+
+class _HideDiskFull(logging.Filter):
+    """Drops the log records of Orbax's writer threads about a full disk (with their tracebacks: about
+    1,500 lines per checkpoint): `Checkpoints` reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_is_disk_full(record.getMessage()) or (record.exc_info and _is_disk_full(record.exc_info[1])))
 
 
 # --- Lock ---------------------------------------------------------------------------------------
@@ -205,7 +223,10 @@ class Checkpoints:
     """The latest checkpoints (keep N, asynchronous) and the best one by top-1, in the workdir."""
 
     def __init__(self, workdir: str, keep: int):
-        self.workdir = workdir
+        self.workdir, self.disk_full = workdir, False
+        absl_logger = logging.getLogger("absl")  # Orbax's threads log through absl
+        if not any(isinstance(f, _HideDiskFull) for f in absl_logger.filters):
+            absl_logger.addFilter(_HideDiskFull())
         self.latest = _manager(os.path.join(workdir, CHECKPOINTS), "latest", max_to_keep=keep)
         self.best = _manager(
             os.path.join(workdir, BEST), "best", max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max"
@@ -217,10 +238,11 @@ class Checkpoints:
         if not bool(all_finite(state)):
             raise NonFiniteStateError(f"the state at step {step} holds NaN or infinite values")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        if self.latest.latest_step() != step:
-            self.latest.save(step, args=args)
-        if metrics is not None:
-            self.best.save(step, args=args, metrics=metrics)
+        with self._disk_full_reported():
+            if self.latest.latest_step() != step:
+                self.latest.save(step, args=args)
+            if metrics is not None:
+                self.best.save(step, args=args, metrics=metrics)
 
     def keep_before(self, step: int) -> int | None:
         """Moves the checkpoints of `step` and later to WORKDIR/damaged/ (a diverged run's: their weights
@@ -287,12 +309,33 @@ class Checkpoints:
         self.latest.reload()
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        with self._disk_full_reported():
+            self.latest.wait_until_finished()
+            self.best.wait_until_finished()
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        if self.disk_full:  # writers that cannot finish: closing would wait on them and print their errors
+            return
+        with self._disk_full_reported():
+            self.latest.close()
+            self.best.close()
+
+    @contextlib.contextmanager
+    def _disk_full_reported(self) -> Iterator[None]:
+        """A full disk while saving, found here or when the asynchronous save ends: one line naming the
+        disk and the newest complete checkpoint, which a rerun resumes from."""
+        try:
+            yield
+        except Exception as err:
+            if not _is_disk_full(err):
+                raise
+            self.disk_full = True
+            directory = os.path.join(self.workdir, CHECKPOINTS)
+            done = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+            kept = f"step {done[-1]}, the newest complete checkpoint, is kept" if done else "none was completed"
+            raise DiskFullError(f"the disk holding {self.workdir} is full: a checkpoint could not be written ({kept}); "
+                                "free some space there and rerun the same command, which resumes from the newest "
+                                "complete checkpoint") from None  # fmt: skip
 
 
 @contextlib.contextmanager

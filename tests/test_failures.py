@@ -562,3 +562,41 @@ def test_a_missing_or_bad_flag_is_one_line() -> None:
     assert_one_line_error(done, "error: flag --workdir=None: Flag --workdir must have a value other than None.")
     done = _module("res2net_jax.predict", "--top_k=abc", "--weights=x", "a.png")
     assert_one_line_error(done, "error: flag --top_k=abc: invalid literal for int()")
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_step_kept(tmp_path) -> None:
+    """Orbax reports a full disk as a ValueError from its writer threads (RESOURCE_EXHAUSTED ... No space
+    left on device), logging each failed write with its traceback (870 lines once). Checkpoints turns it
+    into one line naming the disk and the newest complete checkpoint, hides the writers' log records, and
+    does not wait on writers that cannot finish."""
+    import logging
+
+    checkpoints = run_dir.Checkpoints(str(tmp_path), keep=3)
+    os.makedirs(tmp_path / "checkpoints" / "4")  # a complete checkpoint; the failed one is a tmp directory
+    os.makedirs(tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp")
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing "params.fc.kernel/0": Failed writing: No space left on '
+                      "device [os_error_code='28']")  # fmt: skip
+
+    class FullDisk:
+        closed = False
+
+        def wait_until_finished(self) -> None:
+            raise full
+
+        def close(self) -> None:
+            FullDisk.closed = True
+
+    checkpoints.close()  # the real managers; their writers are replaced by ones on a full disk
+    checkpoints.latest, checkpoints.best = FullDisk(), FullDisk()
+    with pytest.raises(run_dir.DiskFullError) as raised:
+        checkpoints.wait()
+    assert str(raised.value) == (f"the disk holding {tmp_path} is full: a checkpoint could not be written (step 4, "
+                                 "the newest complete checkpoint, is kept); free some space there and rerun the same "
+                                 "command, which resumes from the newest complete checkpoint")  # fmt: skip
+    checkpoints.close()
+    assert not FullDisk.closed
+    record = logging.LogRecord("absl", logging.ERROR, "future.py", 387, "raised an exception", None, None)
+    record.exc_info = (ValueError, full, None)
+    assert not logging.getLogger("absl").filter(record)  # the writers' records are dropped...
+    other = logging.LogRecord("absl", logging.ERROR, "future.py", 387, "another failure", None, None)
+    assert logging.getLogger("absl").filter(other)  # ...and no others
