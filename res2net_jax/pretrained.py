@@ -23,8 +23,7 @@ import huggingface_hub.constants
 import jax
 import jax.numpy as jnp
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, validate_repo_id
 
 from res2net_jax import convert, mindcv_weights, weight_files
 from res2net_jax.cli import one_line
