@@ -56,11 +56,12 @@ class DatasetInfo:
     class_names: tuple[str, ...]
 
 
-FOLDER_IMAGE_TYPES = (".jpg", ".jpeg", ".png")  # what TFDS's ImageFolder reads; it skips other files
-# An image file's first and last bytes: JPEG's start-of-image and end-of-image markers, PNG's signature
-# and IEND chunk (its type and CRC). A file that is not an image, or was cut short, fails them.
-_IMAGE_MARKS = {".jpg": (b"\xff\xd8\xff", b"\xff\xd9"), ".jpeg": (b"\xff\xd8\xff", b"\xff\xd9"),
-                ".png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82")}  # fmt: skip
+# The file types TFDS's ImageFolder reads (it skips others) by extension, with their files' first and last
+# bytes: JPEG's start-of-image and end-of-image markers, PNG's signature and IEND chunk (type and CRC). A
+# file that is not an image, or was cut short, fails them.
+_JPEG_MARKS = (b"\xff\xd8\xff", b"\xff\xd9")
+_IMAGE_MARKS = {".jpg": _JPEG_MARKS, ".jpeg": _JPEG_MARKS, ".png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82")}
+FOLDER_IMAGE_TYPES = tuple(_IMAGE_MARKS)
 
 
 def _is_whole_image(path: str, marks: tuple[bytes, bytes]) -> bool:

@@ -133,16 +133,17 @@ def _global_batches(
     yield from queue
 
 
-class _TimedBatches:
-    """Host batches, with the seconds the training loop spent waiting for them and the images they held."""
+class _InputWait:
+    """The seconds the training loop has spent waiting for host batches, and the images they held, over
+    every pipeline passed through `timed` (one per epoch)."""
 
-    def __init__(self, batches: Iterator[dict[str, np.ndarray]]):
-        self.batches, self.waited, self.images = batches, 0.0, 0
+    def __init__(self) -> None:
+        self.waited, self.images = 0.0, 0
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def timed(self, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
         while True:
             start = time.perf_counter()
-            batch = next(self.batches, None)
+            batch = next(batches, None)
             self.waited += time.perf_counter() - start
             if batch is None:
                 return
@@ -241,11 +242,10 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _init_weights_path(config: ml_collections.ConfigDict) -> str:
-    """The local path of config.init_weights: published weights (a name, hf-hub:ORG/REPO) are fetched."""
-    if pretrained.is_pretrained_id(config.init_weights):
-        return pretrained.resolve(config.init_weights).weights
-    return config.init_weights
+def _local_weights(value: str) -> str:
+    """The local path of config.init_weights or eval_weights: published weights (a registered name,
+    hf-hub:ORG/REPO) are fetched; a path is itself."""
+    return pretrained.resolve(value).weights if pretrained.is_pretrained_id(value) else value
 
 
 def _initial_variables(
@@ -255,7 +255,7 @@ def _initial_variables(
     initialisation."""
     init_rng, head_rng = jax.random.split(jax.random.key(config.seed))
     if config.init_weights:
-        path = init_path or _init_weights_path(config)
+        path = init_path or _local_weights(config.init_weights)
         return weight_files.load_variables(
             path, config.model, num_classes, config.reset_head, head_rng, config.model_overrides
         )
@@ -402,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = steps.create_optimizer(config, schedule)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.AXIS))
     # Published weights are fetched before the workdir is made: an unreachable hub leaves nothing behind.
-    init_path = _init_weights_path(config) if config.init_weights and not run_dir.has_run(workdir) else None
+    init_path = _local_weights(config.init_weights) if config.init_weights and not run_dir.has_run(workdir) else None
 
     held_lock = _open_workdir(config, info, workdir)  # noqa: F841 - the lock lasts as long as this reference
     meta = _checkpoint_meta(config, info)
@@ -442,14 +442,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         step = int(state.step)
         tic, tic_step = time.time(), step
-        period_start, period_waited, period_images = time.perf_counter(), 0.0, 0
+        input_wait = _InputWait()
+        period = (time.perf_counter(), 0.0, 0)  # when the evaluation period began, and the wait and images then
         while step < total_steps:
             epoch, start = divmod(step, steps_per_epoch)
             ds = input_pipeline.train_dataset(
                 builder, info, config, epoch, start, jax.process_index(), jax.process_count()
             )
-            feed = _TimedBatches(input_pipeline.as_numpy(ds))
-            for batch in _global_batches(iter(feed), split):
+            for batch in _global_batches(input_wait.timed(input_pipeline.as_numpy(ds)), split):
                 state, metrics = train_step(state, batch)
                 step += 1
                 pending.append((step, metrics["loss"]))
@@ -467,11 +467,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     )
                     tic, tic_step = time.time(), step
                 if step % eval_every == 0 or step == total_steps:
-                    waited, images = period_waited + feed.waited, period_images + feed.images
-                    note = input_bound_note(waited, time.perf_counter() - period_start, images)
+                    started, waited, images = period
+                    note = input_bound_note(input_wait.waited - waited, time.perf_counter() - started,
+                                            input_wait.images - images)  # fmt: skip
                     if note:
                         log.print(note)
-                    period_start, period_waited, period_images = time.perf_counter(), -feed.waited, -feed.images
+                    period = (time.perf_counter(), input_wait.waited, input_wait.images)
                     check_losses()
                     last = _evaluate_state(eval_step, state, builder, info, config, split, step, steps_per_epoch)
                     # Only a non-finite evaluation loss: early in training, BN's running statistics lag the
@@ -491,7 +492,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     return {"preempted": True, "step": step}
                 if step >= total_steps:
                     break
-            period_waited, period_images = period_waited + feed.waited, period_images + feed.images
         save()
         checkpoints.wait()
         if not last:
@@ -523,9 +523,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
     EMA weights if the config keeps them. The result is printed and, given a workdir, appended to
     WORKDIR/eval.jsonl. A non-finite loss is an error."""
     config_check.check(config, mode="eval")
-    source = config.eval_weights or workdir or ""
-    if pretrained.is_pretrained_id(source):
-        source = pretrained.resolve(source).weights
+    source = _local_weights(config.eval_weights) if config.eval_weights else workdir or ""
     if not config.eval_weights and (not workdir or run_dir.locate(workdir) is None):
         raise MissingFileError(f"no checkpoint in {workdir}: train first, or name weights with --config.eval_weights")
     config, mesh, builder, info, model = _prepare(config)

@@ -60,8 +60,9 @@ class DiskFullError(UserError):
     """The workdir's disk filled up while a checkpoint was written."""
 
 
-def _is_disk_full(err: BaseException) -> bool:
-    """Whether an error (Orbax's, TensorStore's or the OS's, whatever its type) is a full disk."""
+def _is_disk_full(err: BaseException | str) -> bool:
+    """Whether an error or log message (Orbax's, TensorStore's or the OS's, whatever its type) is a full
+    disk."""
     return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
 
 

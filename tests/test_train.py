@@ -271,8 +271,9 @@ def test_an_input_bound_period_is_reported_with_the_host_rate() -> None:
             time.sleep(0.05)
             yield {"image": np.zeros((8, 4, 4, 3), np.uint8), "label": np.zeros(8, np.int32)}
 
-    feed = train._TimedBatches(slow_pipeline())
-    assert len(list(feed)) == 4 and feed.images == 32 and 0.2 <= feed.waited < 0.4
+    wait = train._InputWait()
+    assert len(list(wait.timed(slow_pipeline()))) == 4 and wait.images == 32 and 0.2 <= wait.waited < 0.4
+    assert len(list(wait.timed(slow_pipeline()))) == 4 and wait.images == 64 and 0.4 <= wait.waited < 0.8  # epochs add
     note = train.input_bound_note(waited_s=6.0, elapsed_s=10.0, images=4000)
     assert note == ("input-bound: training waited for the input pipeline 60% of the time since the last evaluation "
                     "(the host delivered 400 img/s); more CPU cores for the input pipeline, or the dataset prepared "
