@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -72,10 +75,19 @@ def cluster_manager(environ: dict[str, str] | None = None) -> str | None:
     if all(k in env for k in slurm) and count("SLURM_NTASKS") > 1:
         return "Slurm"
     if "OMPI_MCA_orte_hnp_uri" in env and count("OMPI_COMM_WORLD_SIZE") > 1:
+        # JAX reads these with no check of its own: a KeyError or ValueError traceback otherwise
+        missing = [name for name in _OMPI_IDS if not env.get(name, "").strip().isdigit()]
+        if missing or not re.search(r"tcp6?://", env["OMPI_MCA_orte_hnp_uri"]):
+            unset = ", ".join(missing) or f"OMPI_MCA_orte_hnp_uri={env['OMPI_MCA_orte_hnp_uri']!r} (no tcp:// address)"
+            raise InvalidInputError(f"an incomplete Open MPI environment ({unset}): start every process with "
+                                    "mpirun, or unset OMPI_MCA_orte_hnp_uri to train alone")  # fmt: skip
         return "Open MPI"
     if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         return "a multi-host TPU slice"
     return None
+
+
+_OMPI_IDS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")  # beside OMPI_COMM_WORLD_SIZE
 
 
 def check_process_flags(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -111,7 +123,30 @@ def start_processes(
         return
     where = f"at {coordinator_address}" if coordinator_address else f"started by {manager}"
     print(f"waiting up to {timeout_s} s for the processes {where} (--peer_timeout_s)", flush=True)
-    jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout_s)
+    # JAX aborts the process with a C++ stack trace when its own deadline passes; the watchdog ends it
+    # first, with one line (os._exit: the main thread is blocked inside JAX and cannot raise).
+    watchdog = threading.Timer(timeout_s, _give_up_waiting, (where, timeout_s))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, initialization_timeout=timeout_s + _JAX_DEADLINE_MARGIN_S
+        )
+    except (ValueError, RuntimeError) as err:
+        hint = " (not a TPU VM? unset TPU_WORKER_HOSTNAMES)" if manager == "a multi-host TPU slice" else ""
+        raise InvalidInputError(f"JAX cannot start the processes {where}: {err}{hint}") from None
+    finally:
+        watchdog.cancel()
+
+
+_JAX_DEADLINE_MARGIN_S = 60  # JAX's own deadline comes this long after the watchdog's
+
+
+def _give_up_waiting(where: str, timeout_s: int) -> None:
+    """Ends a process whose peers did not all arrive within `timeout_s`, in one line."""
+    print(f"error: the processes {where} did not all start within {timeout_s} s: start every process (process 0 "
+          "first, each with its own --process_id), or raise --peer_timeout_s", file=sys.stderr, flush=True)  # fmt: skip
+    os._exit(1)
 
 
 # --- Host side --------------------------------------------------------------------------------

@@ -282,6 +282,34 @@ def test_an_input_bound_period_is_reported_with_the_host_rate() -> None:
 
 
 @pytest.mark.parametrize(
+    ("started_by", "message"),
+    [
+        ("process 0, no peer", "did not all start within 3 s: start every process (process 0 first"),
+        ("process 1, no coordinator", "did not all start within 3 s"),
+        ("a TPU slice's variables on a CPU", "(not a TPU VM? unset TPU_WORKER_HOSTNAMES)"),
+    ],
+)
+def test_a_multi_host_start_that_cannot_complete_is_one_line(started_by: str, message: str, tmp_path) -> None:
+    """JAX aborted after its deadline with a C++ stack trace blaming "another task", and a TPU slice's
+    variables on a machine without TPUs were a ValueError traceback; neither leaves a workdir."""
+    workdir = tmp_path / "run"
+    port = _free_port()
+    flags, extra = {
+        "process 0, no peer": ([f"--coordinator_address=localhost:{port}", "--num_processes=2", "--process_id=0"], {}),
+        "process 1, no coordinator": (
+            [f"--coordinator_address=localhost:{port}", "--num_processes=2", "--process_id=1"],
+            {},
+        ),
+        "a TPU slice's variables on a CPU": ([], {"TPU_WORKER_HOSTNAMES": "127.0.0.1,127.0.0.2"}),
+    }[started_by]
+    started = time.monotonic()
+    done = subprocess.run([*command(str(workdir), "digits"), *flags, "--peer_timeout_s=3"], cwd=ROOT,
+                          env={**env(1), **extra}, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert_one_line_error(done, message)
+    assert time.monotonic() - started < 60 and not workdir.exists()
+
+
+@pytest.mark.parametrize(
     ("flags", "message"),
     [
         ({"process_id": 1}, "--process_id without --coordinator_address, --num_processes: a multi-host run"),
@@ -310,4 +338,12 @@ def test_a_cluster_managers_garbled_environment_is_one_line() -> None:
         train.cluster_manager(slurm)
     with pytest.raises(errors.InvalidInputError, match="OMPI_COMM_WORLD_SIZE='' is not a process count"):
         train.cluster_manager({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": ""})
+    ompi = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://127.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "2",
+            "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}  # fmt: skip
+    assert train.cluster_manager(ompi) == "Open MPI"
+    partial = {k: v for k, v in ompi.items() if k != "OMPI_COMM_WORLD_RANK"}
+    with pytest.raises(errors.InvalidInputError, match=r"incomplete Open MPI environment \(OMPI_COMM_WORLD_RANK\)"):
+        train.cluster_manager(partial)
+    with pytest.raises(errors.InvalidInputError, match="no tcp:// address"):
+        train.cluster_manager({**ompi, "OMPI_MCA_orte_hnp_uri": "x"})
     assert train.cluster_manager({**slurm, "SLURM_NTASKS": "2"}) == "Slurm"
