@@ -220,14 +220,18 @@ def _manager(directory: str, prefix: str, **options: Any) -> ocp.CheckpointManag
     )
 
 
+_SPACE_MARGIN_BYTES = 1 << 20  # Orbax's metadata files beside the arrays
+
+
 class Checkpoints:
     """The latest checkpoints (keep N, asynchronous) and the best one by top-1, in the workdir."""
 
     def __init__(self, workdir: str, keep: int):
         self.workdir, self.disk_full = workdir, False
-        absl_logger = logging.getLogger("absl")  # Orbax's threads log through absl
-        if not any(isinstance(f, _HideDiskFull) for f in absl_logger.filters):
-            absl_logger.addFilter(_HideDiskFull())
+        # Orbax's threads log through absl; its failed write tasks, collected at exit, through asyncio
+        for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+            if not any(isinstance(f, _HideDiskFull) for f in logger.filters):
+                logger.addFilter(_HideDiskFull())
         self.latest = _manager(os.path.join(workdir, CHECKPOINTS), "latest", max_to_keep=keep)
         self.best = _manager(
             os.path.join(workdir, BEST), "best", max_to_keep=1, best_fn=lambda m: m["top1"], best_mode="max"
@@ -238,6 +242,9 @@ class Checkpoints:
         step = int(state.step)
         if not bool(all_finite(state)):
             raise NonFiniteStateError(f"the state at step {step} holds NaN or infinite values")
+        copies = (self.latest.latest_step() != step) + (metrics is not None)
+        if copies:
+            self._check_space(state, copies)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         with self._disk_full_reported():
             if self.latest.latest_step() != step:
@@ -321,6 +328,24 @@ class Checkpoints:
             self.latest.close()
             self.best.close()
 
+    def _check_space(self, state: Any, copies: int) -> None:
+        """Refuses a save that the disk has no room for, before writing: a disk that fills during the
+        write is reported too (`_disk_full_reported`), but TensorStore's writes still in flight then
+        print tracebacks of their own (up to hundreds of lines) that no Python hook can catch."""
+        needed = copies * sum(leaf.nbytes for leaf in jax.tree.leaves(state) if hasattr(leaf, "nbytes"))
+        free = shutil.disk_usage(self.workdir).free
+        if free < needed + _SPACE_MARGIN_BYTES:
+            raise self._disk_full(f"{free / 2**20:.1f} MB free, a checkpoint needs about {needed / 2**20:.1f} MB")
+
+    def _disk_full(self, detail: str) -> DiskFullError:
+        """The one line for a full disk: `detail`, and the newest complete checkpoint, which a rerun resumes."""
+        directory = os.path.join(self.workdir, CHECKPOINTS)
+        done = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+        kept = f"step {done[-1]}, the newest complete checkpoint, is kept" if done else "none was completed"
+        return DiskFullError(f"no room on the disk holding {self.workdir} ({detail}): a checkpoint could not be "
+                             f"written ({kept}); free some space there and rerun the same command, which resumes "
+                             "from the newest complete checkpoint")  # fmt: skip
+
     @contextlib.contextmanager
     def _disk_full_reported(self) -> Iterator[None]:
         """A full disk while saving, found here or when the asynchronous save ends: one line naming the
@@ -331,12 +356,7 @@ class Checkpoints:
             if not _is_disk_full(err):
                 raise
             self.disk_full = True
-            directory = os.path.join(self.workdir, CHECKPOINTS)
-            done = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
-            kept = f"step {done[-1]}, the newest complete checkpoint, is kept" if done else "none was completed"
-            raise DiskFullError(f"the disk holding {self.workdir} is full: a checkpoint could not be written ({kept}); "
-                                "free some space there and rerun the same command, which resumes from the newest "
-                                "complete checkpoint") from None  # fmt: skip
+            raise self._disk_full("no space left on device") from None
 
 
 @contextlib.contextmanager

@@ -564,6 +564,32 @@ def test_a_missing_or_bad_flag_is_one_line() -> None:
     assert_one_line_error(done, "error: flag --top_k=abc: invalid literal for int()")
 
 
+def test_a_checkpoint_the_disk_has_no_room_for_is_refused_before_writing(tmp_path, monkeypatch) -> None:
+    """A disk that fills while TensorStore writes makes its writes still in flight print tracebacks of
+    their own (0 to 200 'Event loop is closed' ones per run on a 3 MB tmpfs, after the one line), which
+    no Python hook catches; a save the disk has no room for is refused before anything is written."""
+    import flax
+
+    @flax.struct.dataclass
+    class State:
+        step: np.ndarray
+        kernel: np.ndarray
+
+    checkpoints = run_dir.Checkpoints(str(tmp_path), keep=3)
+    kernel = np.zeros((512, 1024), np.float32)  # 2 MiB
+    checkpoints.save(State(np.int32(4), kernel), meta={})
+    checkpoints.wait()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=2 << 20))
+    with pytest.raises(run_dir.DiskFullError) as raised:
+        checkpoints.save(State(np.int32(6), kernel), meta={})
+    assert str(raised.value).startswith(f"no room on the disk holding {tmp_path} (2.0 MB free, a checkpoint needs "
+                                        "about 2.0 MB): a checkpoint could not be written (step 4, the newest "
+                                        "complete checkpoint, is kept)")  # fmt: skip
+    checkpoints.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
 def test_a_full_disk_while_checkpointing_is_one_line_naming_the_step_kept(tmp_path) -> None:
     """Orbax reports a full disk as a ValueError from its writer threads (RESOURCE_EXHAUSTED ... No space
     left on device), logging each failed write with its traceback (870 lines once). Checkpoints turns it
@@ -590,9 +616,10 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_step_kept(tmp_pa
     checkpoints.latest, checkpoints.best = FullDisk(), FullDisk()
     with pytest.raises(run_dir.DiskFullError) as raised:
         checkpoints.wait()
-    assert str(raised.value) == (f"the disk holding {tmp_path} is full: a checkpoint could not be written (step 4, "
-                                 "the newest complete checkpoint, is kept); free some space there and rerun the same "
-                                 "command, which resumes from the newest complete checkpoint")  # fmt: skip
+    assert str(raised.value) == (f"no room on the disk holding {tmp_path} (no space left on device): a checkpoint "
+                                 "could not be written (step 4, the newest complete checkpoint, is kept); free some "
+                                 "space there and rerun the same command, which resumes from the newest complete "
+                                 "checkpoint")  # fmt: skip
     checkpoints.close()
     assert not FullDisk.closed
     record = logging.LogRecord("absl", logging.ERROR, "future.py", 387, "raised an exception", None, None)
