@@ -10,8 +10,11 @@ batch, and a resumed run reads nothing before its first batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import fcntl
+import glob
 import json
 import math
 import os
@@ -162,21 +165,76 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         )
     data_dir = config.get("data_dir") or None
     builder = tfds.builder(name, data_dir=data_dir)
+    if _is_prepared(builder) and os.path.exists(_array_record_info(builder)):
+        return _read_by_index(builder)
+    if not _is_prepared(builder):
+        _check_preparable(builder, name, base_name)
+    with _preparing(builder):
+        return _prepare(name, base_name, data_dir)
+
+
+def _array_record_info(builder: tfds.core.DatasetBuilder) -> str:
+    """The dataset_info.json of `builder`'s ArrayRecord files: its own, or its copy's (`_read_by_index`)."""
+    directory = os.fspath(builder.data_dir)
+    if builder.info.file_format.value != RANDOM_ACCESS_FORMAT:
+        directory = os.path.join(directory, RANDOM_ACCESS_FORMAT)
+    return os.path.join(directory, DATASET_INFO)
+
+
+def _check_preparable(builder: tfds.core.DatasetBuilder, name: str, base_name: str) -> None:
+    """Refuses, before anything is written, a dataset that cannot be prepared here: ImageNet without its
+    tars, or a download from a host that cannot be reached."""
+    if base_name in _MANUAL_DATASETS:
+        missing = [f for f in IMAGENET_TARS if not os.path.isfile(os.path.join(_manual_dir(builder), f))]
+        if missing:
+            raise MissingFileError(
+                f"{name} must be downloaded by hand: {' and '.join(missing)} missing from {_manual_dir(builder)} "
+                "(from https://image-net.org, ILSVRC2012); put them there and run again to build the dataset"
+            )
+    else:
+        _check_downloadable(builder, name)
+
+
+def _manual_dir(builder: tfds.core.DatasetBuilder) -> str:
+    return os.path.join(builder.data_dir_root, "downloads", "manual")
+
+
+@contextlib.contextmanager
+def _preparing(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+    """Holds the dataset's preparation lock (an flock, released by the kernel however its holder ends), so
+    that one process at a time prepares it; what an interrupted preparation left (TFDS's
+    `incomplete.*` directories, partial ArrayRecord copies) is removed first, and said so in one line."""
+    root = os.fspath(builder.data_dir_root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        handle = open(os.path.join(root, f".{builder.name}.prepare.lock"), "a")
+    except OSError:  # a read-only data_dir: nothing is prepared or removed there, and `_prepare` says so
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # a process preparing it now: wait, then find it prepared
+        versions = os.path.dirname(os.fspath(builder.data_dir))
+        left = glob.glob(os.path.join(versions, "incomplete.*")) + glob.glob(
+            os.path.join(os.fspath(builder.data_dir), RANDOM_ACCESS_FORMAT, "*.partial-*")
+        )
+        for path in left:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if left:
+            print(f"removed what an interrupted preparation of {builder.name} left: "
+                  f"{', '.join(os.path.basename(p) for p in sorted(left))}", flush=True)  # fmt: skip
+        yield
+
+
+def _prepare(name: str, base_name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """`get_builder` for a dataset not yet prepared as ArrayRecord files, under its preparation lock (another
+    process may have prepared it meanwhile)."""
+    builder = tfds.builder(name, data_dir=data_dir)
     if not _is_prepared(builder):
         builder = tfds.builder(name, data_dir=data_dir, file_format=RANDOM_ACCESS_FORMAT)
         download_config = None
         if base_name in _MANUAL_DATASETS:
-            manual_dir = os.path.join(builder.data_dir_root, "downloads", "manual")
-            missing = [f for f in IMAGENET_TARS if not os.path.isfile(os.path.join(manual_dir, f))]
-            if missing:
-                raise MissingFileError(
-                    f"{name} must be downloaded by hand: {' and '.join(missing)} missing from {manual_dir} "
-                    "(from https://image-net.org, ILSVRC2012); put them there and run again to build the dataset"
-                )
-            print(f"building {name} from {manual_dir}, once (hours for the whole of ImageNet)", flush=True)
-            download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-        else:
-            _check_downloadable(builder, name)
+            print(f"building {name} from {_manual_dir(builder)}, once (hours for the whole of ImageNet)", flush=True)
+            download_config = tfds.download.DownloadConfig(manual_dir=_manual_dir(builder))
         if not sys.stderr.isatty():  # TFDS's progress bars print raw escape sequences into a log
             tfds.disable_progress_bar()
         builder.download_and_prepare(download_config=download_config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -152,9 +153,12 @@ def test_a_tfrecord_dataset_is_read_from_arrayrecord_copies_made_once(tmp_path, 
     copy = tmp_path / "sklearn_digits" / "1.0.0" / "array_record"
     (copy / "dataset_info.json").unlink()
     train = next(copy.glob("*-train.array_record-*"))
-    train.rename(train.with_name(train.name + ".partial"))
+    train.rename(train.with_name(train.name + ".partial-host-12345"))
     read_all()
-    assert "copying 1 of sklearn_digits/1.0.0's TFRecord files" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "copying 1 of sklearn_digits/1.0.0's TFRecord files" in out
+    assert f"removed what an interrupted preparation of sklearn_digits left: {train.name}.partial-host-12345" in out
+    assert not list(copy.glob("*.partial-*"))
     (copy / "dataset_info.json").unlink()
     train.unlink()
 
@@ -164,6 +168,27 @@ def test_a_tfrecord_dataset_is_read_from_arrayrecord_copies_made_once(tmp_path, 
     monkeypatch.setattr(tfds.core.file_adapters.ArrayRecordFileAdapter, "write_examples", refuse)
     with pytest.raises(ValueError, match=r"cannot write ArrayRecord copies of .*Permission denied.*writable --config"):
         input_pipeline.get_builder(_config(str(tmp_path)))
+
+
+def test_an_interrupted_preparation_leaves_nothing_behind(tmp_path, capsys) -> None:
+    """A preparation killed mid-way leaves TFDS's incomplete.* directory (TFDS's own name for it); the next
+    preparation, holding the dataset's lock, removes it, says so and builds the dataset."""
+    from tensorflow_datasets.core.utils import file_utils
+
+    builder = tfds.builder("sklearn_digits", data_dir=str(tmp_path))
+    left = file_utils._get_incomplete_dir(builder.data_dir)  # where TFDS writes until it renames
+    os.makedirs(left)
+    open(os.path.join(left, "sklearn_digits-train.array_record-00000-of-00001"), "wb").close()
+    config = _config(str(tmp_path))
+    info = input_pipeline.dataset_info(input_pipeline.get_builder(config), config)
+    assert (info.num_train, info.num_eval) == (1442, 355)
+    out = capsys.readouterr().out
+    assert (
+        f"removed what an interrupted preparation of sklearn_digits left: {os.path.basename(left.rstrip('/'))}" in out
+    )
+    assert sorted(os.listdir(tmp_path / "sklearn_digits")) == ["1.0.0"]
+    input_pipeline.get_builder(config)  # prepared: nothing to remove, nothing said
+    assert "removed" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
