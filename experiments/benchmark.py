@@ -112,7 +112,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from res2net_jax import augment, create_model, steps
+    from res2net_jax import augment, create_model, fold_batch_norm, steps
 
     device = jax.devices()[0]
     dtype = jnp.bfloat16 if _bfloat16(device.platform in ("gpu", "tpu")) else jnp.float32
@@ -142,7 +142,6 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
         train_step = _plain_train_step(model, tx, config.label_smoothing)
     else:
         train_step = steps.make_train_step(model, tx, config, mesh)
-    infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
     repeats = max(1, _STEPS.value // 10) if eager else _STEPS.value
 
     def sync(out: Any) -> Any:
@@ -159,7 +158,10 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
         sync(train())  # compiles under jit
         compile_s = time.perf_counter() - start
         step_s = report.seconds_per_call(train, sync, repeats)
-        inference = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
+        # The inference function as make_predict_fn and the exports run it: BatchNorm folded.
+        unfolded = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
+        infer_model, inference = fold_batch_norm(model, unfolded)
+        infer = jax.jit(lambda v, x: infer_model.apply(v, x, train=False))
         images = {n: pool[:n] for n in {1, 32, batch}}
         infer_s = report.seconds_per_call(lambda: infer(inference, images[batch]), sync, repeats)
         b32_ms = _latency_ms(lambda: infer(inference, images[32]), sync, repeats)

@@ -37,7 +37,7 @@ def _accuracy(name: str, measured: dict[str, Any] | None) -> list[str]:
 
 
 def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str:
-    """The seed's columns (accuracy, train s/epoch, inference ms per batch of 32, per mode), the
+    """The seed's columns (accuracy, train s/epoch, inference ms per batch of 32 and of 1, per mode), the
     ratios against timm and the roofline."""
     settings = report["settings"]
     dtypes = sorted({f["compute_dtype"] for modes in report["models"].values() for f in modes.values()
@@ -52,13 +52,16 @@ def table(report: dict[str, Any], measured: dict[str, Any] | None = None) -> str
     ]  # fmt: skip
     lines += [
         "| model | top-1 | top-5 | " + " | ".join(f"train s/epoch ({label})" for _, label in MODES)
-        + " | " + " | ".join(f"infer ms/32 ({label})" for _, label in MODES) + " |",
-        "|---" * (3 + 2 * len(MODES)) + "|",
+        + " | " + " | ".join(f"infer ms/32 ({label})" for _, label in MODES)
+        + " | " + " | ".join(f"infer ms/1 ({label})" for _, label in MODES) + " |",
+        "|---" * (3 + 3 * len(MODES)) + "|",
     ]  # fmt: skip
     reduced = settings.get("layers", "the model's own") not in ("the model's own", [])  # a smoke run's blocks
     for name, modes in report["models"].items():
         epochs = [_number(modes.get(mode, {}).get("s_per_epoch"), 0) for mode, _ in MODES]
-        latency = [_number(modes.get(mode, {}).get("infer_b32_ms")) for mode, _ in MODES]
+        latency = [
+            _number(modes.get(mode, {}).get(key)) for key in ("infer_b32_ms", "infer_b1_ms") for mode, _ in MODES
+        ]
         accuracy = ["-", "-"] if reduced else _accuracy(name, measured)  # the published figures are full-size's
         label = f"{name} (layers {','.join(map(str, settings['layers']))})" if reduced else name
         lines.append(f"| {label} | " + " | ".join(accuracy + epochs + latency) + " |")

@@ -17,13 +17,16 @@ import jax
 import jax.numpy as jnp
 
 from res2net_jax.errors import MissingDependencyError
+from res2net_jax.folding import fold_batch_norm
 from res2net_jax.outputs import atomic_output, new_output_path
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def logits_fn(model: nn.Module, variables: Any) -> Callable[[jax.Array], jax.Array]:
-    """Normalised NHWC images -> float32 logits, eval mode, with the variables closed over."""
+    """Normalised NHWC images -> float32 logits, eval mode, BatchNorm folded into the convolutions
+    (`fold_batch_norm`), with the variables closed over."""
+    model, variables = fold_batch_norm(model, variables)
 
     def logits(images: jax.Array) -> jax.Array:
         return model.apply(variables, images, train=False).astype(jnp.float32)

@@ -12,8 +12,9 @@
 EMA weights), which names its own model, so --model may be left out, or any file
 `res2net_jax.weight_files.load_variables` reads (a .pth/.bin/.safetensors PyTorch state dict, a MindSpore
 .ckpt, or an Orbax directory) with --model. stablehlo, savedmodel and onnx write
-the inference function (normalised NHWC float32 images of --image_size, any batch size -> logits;
-see `res2net_jax.deploy` and `res2net_jax.onnx_export`). An existing --out is never overwritten, and
+the inference function with BatchNorm folded into the convolutions (normalised NHWC float32 images of
+--image_size, any batch size -> logits; onnx: --nchw for NCHW images as timm's export takes them,
+--opset; see `res2net_jax.deploy` and `res2net_jax.onnx_export`). An existing --out is never overwritten, and
 the output appears under its name only once complete. pretrained writes what
 `res2net_jax.save_pretrained` writes (timm's format, with a run's class names, architecture and
 evaluation size and crop), which
@@ -66,6 +67,10 @@ _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", None, "stablehlo/savedmodel/onnx: the input height and width (default: the model's, 224)."
 )
 _RESET_HEAD = flags.DEFINE_bool("reset_head", False, "Replace a head of another class count with a new one.")
+_OPSET = flags.DEFINE_integer("opset", onnx_export.OPSET, "onnx: the ONNX opset the graph is written in.")
+_NCHW = flags.DEFINE_bool(
+    "nchw", False, "onnx: take NCHW images (batch, 3, size, size), as timm's torch.onnx.export does, not NHWC."
+)
 
 
 _DEPLOY = {
@@ -83,6 +88,10 @@ def main(argv: list[str]) -> None:
     out = writable_output_path(_OUT.value)  # refused before any work
     if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value < 32:
         raise InvalidInputError(f"--image_size={_IMAGE_SIZE.value} is not allowed: the models take 32 px or more")
+    if _FORMAT.value != "onnx" and (_NCHW.value or _OPSET.value != onnx_export.OPSET):
+        raise InvalidInputError(f"--opset and --nchw are settings of --format=onnx, not of --format={_FORMAT.value}")
+    if _FORMAT.value == "onnx":
+        onnx_export.check_opset(_OPSET.value)
     name, overrides, variables, class_names, data_config = cli.load_weights(
         _WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _RESET_HEAD.value, _EMA.value
     )
@@ -97,7 +106,8 @@ def main(argv: list[str]) -> None:
         image_size = _IMAGE_SIZE.value or get_spec(name).input_size
         if get_spec(name).family is DLA and image_size % 32:
             raise InvalidInputError(f"--image_size={image_size} is not allowed for {name}: DLA takes multiples of 32")
-        _DEPLOY[_FORMAT.value](model, variables, image_size, out)
+        options = {"opset": _OPSET.value, "nchw": _NCHW.value} if _FORMAT.value == "onnx" else {}
+        _DEPLOY[_FORMAT.value](model, variables, image_size, out, **options)
     else:
         weight_files.save_variables(variables, out)
     changed = "".join(f", {key}={value}" for key, value in overrides.items())  # a reduced network says so

@@ -66,10 +66,15 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
     scale_init: nn.initializers.Initializer = nn.initializers.ones
+    folded: bool = False  # inference with BN folded into the convolution before it: only its shift is left
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         channels = x.shape[-1]
+        if self.folded:
+            if train:
+                raise ValueError("a model with fold_bn=True is for inference: train the model without it")
+            return x + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32).astype(self.dtype)
         scale = self.param("scale", self.scale_init, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)

@@ -7,7 +7,8 @@ weight has one obvious home: PyTorch `layer1.0.convs.2.weight` lives at Flax
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -66,15 +67,13 @@ class Bottle2neck(nn.Module):
     shortcut: str = "identity"
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
-    axis_name: str | None = None
+    norm: Callable[..., BatchNorm] = BatchNorm  # the network's BN, built once (`norm_layer`)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, residual: jax.Array | None = None) -> jax.Array:
-        def bn(name: str, **kwargs: Any) -> BatchNorm:
-            return BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name=name, **kwargs)
-
+        bn = self.norm
         out = conv(self.width * self.scale, 1, dtype=self.dtype, name="conv1")(x)
-        out = nn.relu(bn("bn1")(out, train))
+        out = nn.relu(bn(name="bn1")(out, train))
         splits = jnp.split(out, self.scale, axis=-1) if self.scale > 1 else [out]
         branches = []
         for i in range(max(1, self.scale - 1)):
@@ -88,31 +87,31 @@ class Bottle2neck(nn.Module):
                 dtype=self.dtype,
                 name=f"convs_{i}",
             )(branch_in)
-            branches.append(nn.relu(bn(f"bns_{i}")(y, train)))
+            branches.append(nn.relu(bn(name=f"bns_{i}")(y, train)))
         if self.scale > 1:
             last = splits[-1]
             branches.append(avg_pool_include_pad(last, 3, self.stride, 1) if self.first else last)
         out = jnp.concatenate(branches, axis=-1)
         out = conv(self.out_features, 1, dtype=self.dtype, name="conv3")(out)
-        out = bn("bn3", scale_init=nn.initializers.zeros)(out, train)
+        out = bn(name="bn3", scale_init=nn.initializers.zeros)(out, train)
         out = DropPath(self.drop_path, name="drop_path")(out, train)
         if residual is None:
-            residual = self._shortcut(x, train, bn)
+            residual = self._shortcut(x, train)
         return nn.relu(out + residual)
 
-    def _shortcut(self, x: jax.Array, train: bool, bn: Any) -> jax.Array:
+    def _shortcut(self, x: jax.Array, train: bool) -> jax.Array:
         if self.shortcut == "identity":
             return x
         if self.shortcut == "conv":
             y = conv(self.out_features, 1, stride=self.stride, dtype=self.dtype, name="downsample_0")(x)
-            return bn("downsample_1")(y, train)
+            return self.norm(name="downsample_1")(y, train)
         if self.shortcut == "avg_conv":
             if self.stride > 1:
                 x = avg_pool_ceil_exclude_pad(x, self.stride)
             elif self.pool_dilated:
                 x = avg_pool_2x2_same(x)
             y = conv(self.out_features, 1, dtype=self.dtype, name="downsample_1")(x)
-            return bn("downsample_2")(y, train)
+            return self.norm(name="downsample_2")(y, train)
         raise ValueError(f"unknown shortcut {self.shortcut!r}: use 'identity', 'conv' or 'avg_conv'")
 
 
@@ -126,6 +125,12 @@ def _feature_dicts(all_features: list[dict[str, Any]], out_indices: Sequence[int
     if unknown:
         raise InvalidInputError(f"{name} has no feature index {unknown}: its indices are {known}")
     return [all_features[known.index(i)] for i in out_indices]
+
+
+def _norm(network: nn.Module) -> Callable[..., BatchNorm]:
+    """The network's BatchNorm, configured once (compute dtype, synchronised axis, folded for inference)
+    and handed to its blocks."""
+    return functools.partial(BatchNorm, dtype=network.dtype, axis_name=network.axis_name, folded=network.fold_bn)
 
 
 def _block_class(remat: bool) -> type[Bottle2neck]:
@@ -191,23 +196,25 @@ class Res2Net(_Backbone):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     remat: bool = False
+    fold_bn: bool = False
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
     def setup(self) -> None:
         _ = self.feature_info  # checks out_indices and output_stride
         dt = self.dtype
+        norm = _norm(self)
         if self.deep_stem:
             self.conv1 = {
                 "0": conv(32, 3, stride=2, dtype=dt),
-                "1": self._bn(),
+                "1": norm(),
                 "3": conv(32, 3, dtype=dt),
-                "4": self._bn(),
+                "4": norm(),
                 "6": conv(64, 3, dtype=dt),
             }
         else:
             self.conv1 = conv(64, 7, stride=2, dtype=dt)
-        self.bn1 = self._bn()
+        self.bn1 = norm()
         in_features, net_stride, dilation = 64, 4, 1
         block_class, num_blocks, block_index = _block_class(self.remat), sum(self.layers), 0
         for stage, (depth, planes) in enumerate(zip(self.layers, (64, 128, 256, 512), strict=True)):
@@ -234,7 +241,7 @@ class Res2Net(_Backbone):
                         shortcut=("avg_conv" if self.avg_down else "conv") if needs_projection else "identity",
                         drop_path=self.drop_path_rate * block_index / max(num_blocks - 1, 1),  # timm's rule
                         dtype=dt,
-                        axis_name=self.axis_name,
+                        norm=norm,
                     )
                 )
                 in_features, block_index = planes * 4, block_index + 1
@@ -242,9 +249,6 @@ class Res2Net(_Backbone):
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes and not self.features_only:
             self.fc = nn.Dense(self.num_classes, dtype=dt, param_dtype=jnp.float32)
-
-    def _bn(self) -> BatchNorm:
-        return BatchNorm(dtype=self.dtype, axis_name=self.axis_name)
 
     def _all_features(self) -> list[dict[str, Any]]:
         if self.output_stride not in (8, 16, 32):
@@ -290,12 +294,12 @@ class DlaRoot(nn.Module):
 
     out_features: int
     dtype: Dtype = jnp.float32
-    axis_name: str | None = None
+    norm: Callable[..., BatchNorm] = BatchNorm
 
     @nn.compact
     def __call__(self, children: list[jax.Array], train: bool) -> jax.Array:
         x = conv(self.out_features, 1, dtype=self.dtype, name="conv")(jnp.concatenate(children, axis=-1))
-        return nn.relu(BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="bn")(x, train))
+        return nn.relu(self.norm(name="bn")(x, train))
 
 
 class DlaTree(nn.Module):
@@ -311,7 +315,7 @@ class DlaTree(nn.Module):
     cardinality: int = 1
     remat: bool = False
     dtype: Dtype = jnp.float32
-    axis_name: str | None = None
+    norm: Callable[..., BatchNorm] = BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, children: list[jax.Array] | None = None) -> jax.Array:
@@ -319,12 +323,12 @@ class DlaTree(nn.Module):
         bottom = max_pool(x, self.stride, self.stride, 0) if self.stride > 1 else x
         if self.level_root:
             children.append(bottom)
-        common = {"dtype": self.dtype, "axis_name": self.axis_name}
+        common = {"dtype": self.dtype, "norm": self.norm}
         if self.levels == 1:
             shortcut = bottom
             if self.in_features != self.out_features:
                 shortcut = conv(self.out_features, 1, dtype=self.dtype, name="project_0")(bottom)
-                shortcut = BatchNorm(name="project_1", **common)(shortcut, train)
+                shortcut = self.norm(name="project_1")(shortcut, train)
             x1 = self._block(self.stride, "tree1")(x, train, shortcut)
             x2 = self._block(1, "tree2")(x1, train)
             return DlaRoot(self.out_features, name="root", **common)([x2, x1, *children], train)
@@ -347,7 +351,7 @@ class DlaTree(nn.Module):
             stride=stride,
             first=stride > 1,
             dtype=self.dtype,
-            axis_name=self.axis_name,
+            norm=self.norm,
             name=name,
         )
 
@@ -375,6 +379,7 @@ class DLA(_Backbone):
     output_stride: int = 32
     drop_rate: float = 0.0
     remat: bool = False
+    fold_bn: bool = False
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
@@ -382,7 +387,7 @@ class DLA(_Backbone):
         _ = self.feature_info  # checks out_indices and output_stride
         dt = self.dtype
         c = self.channels
-        self.base_layer = {"0": conv(c[0], 7, dtype=dt), "1": self._bn()}
+        self.base_layer = {"0": conv(c[0], 7, dtype=dt), "1": _norm(self)()}
         self.level0 = self._conv_level(c[0], self.levels[0], 1)
         self.level1 = self._conv_level(c[1], self.levels[1], 2)
         tree_args = {
@@ -391,7 +396,7 @@ class DLA(_Backbone):
             "cardinality": self.cardinality,
             "remat": self.remat,
             "dtype": dt,
-            "axis_name": self.axis_name,
+            "norm": _norm(self),
         }
         self.level2 = DlaTree(self.levels[2], c[1], c[2], 2, level_root=False, **tree_args)
         self.level3 = DlaTree(self.levels[3], c[2], c[3], 2, level_root=True, **tree_args)
@@ -401,14 +406,11 @@ class DLA(_Backbone):
         if self.num_classes and not self.features_only:
             self.fc = conv(self.num_classes, 1, bias=True, dtype=dt)
 
-    def _bn(self) -> BatchNorm:
-        return BatchNorm(dtype=self.dtype, axis_name=self.axis_name)
-
     def _conv_level(self, features: int, num_convs: int, stride: int) -> dict[str, nn.Module]:
         layers: dict[str, nn.Module] = {}
         for i in range(num_convs):
             layers[str(3 * i)] = conv(features, 3, stride=stride if i == 0 else 1, dtype=self.dtype)
-            layers[str(3 * i + 1)] = self._bn()
+            layers[str(3 * i + 1)] = _norm(self)()
         return layers
 
     @staticmethod

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import images_nchw, nhwc, rel_error, timm_variables
+from launch import assert_one_line_error
 
 from res2net_jax import convert, create_model, deploy, onnx_export, weight_files
 
@@ -74,6 +75,61 @@ def test_onnx_runs_in_onnxruntime_with_the_flax_logits(name: str, overrides: dic
     for batch in (1, 3):
         images = nhwc(images_nchw(batch, size, size, seed=batch))
         assert rel_error(run(images), _logits(model, variables, images)) <= TOLERANCE
+
+
+def test_the_onnx_graph_is_what_timms_export_holds_or_less(tmp_path) -> None:
+    """Full res2net50d: BatchNorm folded into Conv biases, NCHW inside (one Transpose for NHWC input, none
+    with nchw=True, which then takes what timm's model takes and gives timm's logits), no more nodes than
+    torch.onnx.export writes for timm's network, and onnxruntime fuses every Conv that feeds a Relu."""
+    import collections
+
+    import onnx
+    import onnxruntime
+    import torch
+    from conftest import timm_pair
+
+    reference, variables = timm_pair(NAME)
+    model = create_model(NAME)
+    timm_path = tmp_path / "timm.onnx"
+    torch.onnx.export(reference, torch.zeros(1, 3, SIZE, SIZE), timm_path, opset_version=onnx_export.OPSET,
+                      dynamo=False, input_names=["images"], output_names=["logits"])  # fmt: skip
+    timm_nodes = [n.op_type for n in onnx.load(timm_path).graph.node if n.op_type not in ("Identity", "Constant")]
+    images = images_nchw(2, SIZE, SIZE)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images)).numpy()
+    allowed = {"Conv", "Relu", "Add", "MaxPool", "AveragePool", "Split", "Concat", "GlobalAveragePool", "Flatten",
+               "Gemm", "Identity", "Transpose"}  # fmt: skip
+    for nchw in (False, True):
+        path = tmp_path / f"nchw_{nchw}.onnx"
+        onnx_export.export_onnx(model, variables, SIZE, path, nchw=nchw)
+        nodes = onnx.load(path).graph.node
+        ops = collections.Counter(n.op_type for n in nodes)
+        assert set(ops) <= allowed and ops["Transpose"] == (0 if nchw else 1), ops
+        assert all(len(n.input) == 3 for n in nodes if n.op_type == "Conv")  # each with its folded bias
+        assert len(nodes) - ops["Identity"] - ops["Transpose"] <= len(timm_nodes), collections.Counter(timm_nodes)
+        logits = onnx_export.load_onnx(path)(images if nchw else nhwc(images))
+        assert rel_error(logits, expected) <= TOLERANCE
+    consumers = collections.Counter(i for n in nodes for i in n.input)
+    relu_inputs = {n.input[0] for n in nodes if n.op_type == "Relu"}
+    fusable = sum(n.op_type == "Conv" and n.output[0] in relu_inputs and consumers[n.output[0]] == 1 for n in nodes)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimised = collections.Counter(n.op_type for n in onnx.load(tmp_path / "optimised.onnx").graph.node)
+    assert fusable == ops["Relu"] - 16 and optimised["FusedConv"] == fusable, optimised  # 16: after residual adds
+
+
+def test_bad_onnx_settings_are_one_line_and_write_nothing(tmp_path) -> None:
+    for flags, message in [
+        (["--format=onnx", "--opset=11"], "--opset=11 is not one the graph can be written in: choose 13 to"),
+        (["--format=stablehlo", "--nchw"], "--opset and --nchw are settings of --format=onnx"),
+    ]:
+        out = tmp_path / "model.out"
+        command = [sys.executable, "-m", "res2net_jax.export", f"--model={NAME}", "--weights=none", f"--out={out}"]
+        done = subprocess.run([*command, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert_one_line_error(done, f"error: {message}")
+        assert os.listdir(tmp_path) == []
 
 
 def test_export_cli_writes_stablehlo_of_a_full_model(tmp_path) -> None:

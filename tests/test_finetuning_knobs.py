@@ -134,6 +134,9 @@ def test_remat_gives_the_plain_models_gradients_and_statistics(name: str, overri
     """In float64, so that the comparison sees the computation and not float32 rounding of other fusions."""
     variables = timm_pair(name, num_classes=10, **overrides)[1]  # every weight random: every gradient non-zero
     with jax.enable_x64(True):
+        # float64 variables too: float32 ones give float32 gradients, whose last-bit rounding of two float64
+        # results that differ by 1e-16 showed as 1e-10 on one machine
+        variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
         x = jnp.asarray(nhwc(images_nchw(2, 64, 64)), jnp.float64)
         models = [create_model(name, num_classes=10, dtype=jnp.float64, remat=remat, **overrides)
                   for remat in (False, True)]  # fmt: skip

@@ -1,0 +1,167 @@
+"""Deployed inference speed, side by side: this project's ONNX against timm's torch.onnx.export of the same
+weights on onnxruntime, and the jitted JAX inference function (BatchNorm folded, as make_predict_fn,
+predict and the exports run it) against the same unfolded and against timm eager.
+
+    PYTHONPATH=. python experiments/deploy_speed.py --out=experiments/results/deploy_speed_cpu.json
+    PYTHONPATH=. python experiments/deploy_speed.py --image_size=64 --repeats=2 --rounds=1 --out=/tmp/tiny.json
+
+Each side runs in its own process (one framework's threads and caches never meet another's), with as
+many threads as the machine has cores, at batch 1 (median ms of a call) and batch 8 (img/s); the sides
+alternate, their order reversed every round, and each figure is the median over --rounds. The weights
+are timm's res2net50d initialisation (speed does not depend on their values). Run it on an idle
+machine: other load changes the ratios (it once made 0.57x read 0.99x).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import report
+from absl import app, flags
+
+from res2net_jax import cli
+
+_MODEL = flags.DEFINE_string("model", "res2net50d", "The network (a timm name).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per batch size and side, after one untimed call.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds over all sides, alternating their order.")
+_OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
+_WORKER = flags.DEFINE_string("worker", None, "Internal: time one side in the directory given and print JSON.")
+SIDES = ("onnx", "timm_onnx", "jit_folded", "jit_unfolded", "timm_eager")
+BATCHES = (1, 8)
+PACKAGES = ("jax", "jaxlib", "flax", "torch", "timm", "onnx", "onnxruntime")
+
+
+def _median_ms(fn: Any, repeats: int) -> float:
+    fn()  # compiles, warms caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _runner(side: str, directory: str) -> Any:
+    """A function of NCHW float32 images (numpy) that runs `side` to completion."""
+    import numpy as np
+
+    if side in ("onnx", "timm_onnx"):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count()
+        path = os.path.join(directory, f"{side}.onnx")
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return lambda images: session.run(["logits"], {"images": images})[0]
+    if side == "timm_eager":
+        import timm
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
+        model = timm.create_model(_MODEL.value)
+        model.load_state_dict(torch.load(os.path.join(directory, "timm.pt")))
+        model.eval()
+
+        def run(images: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(images)).numpy()
+
+        return run
+    import jax
+
+    from res2net_jax import create_model, fold_batch_norm, weight_files
+
+    model = create_model(_MODEL.value)
+    variables = weight_files.load_variables(os.path.join(directory, "timm.safetensors"), _MODEL.value)
+    if side == "jit_folded":
+        model, variables = fold_batch_norm(model, variables)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return lambda images: np.asarray(forward(variables, images.transpose(0, 2, 3, 1)))
+
+
+def _worker(side: str, directory: str) -> dict[str, float]:
+    import numpy as np
+
+    run = _runner(side, directory)
+    figures = {}
+    for batch in BATCHES:
+        images = np.random.RandomState(batch).randn(batch, 3, _IMAGE_SIZE.value, _IMAGE_SIZE.value).astype(np.float32)
+        ms = _median_ms(lambda images=images: run(images), _REPEATS.value)
+        figures[f"b{batch}_ms"] = ms
+        figures[f"b{batch}_img_s"] = 1000 * batch / ms
+    return figures
+
+
+def _prepare(directory: str) -> dict[str, Any]:
+    """timm's network and its weights as files, and both ONNX exports of them; the graphs' node counts."""
+    import collections
+
+    import onnx
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from res2net_jax import convert, create_model, onnx_export
+
+    model = timm.create_model(_MODEL.value).eval()
+    torch.save(model.state_dict(), os.path.join(directory, "timm.pt"))
+    save_file(model.state_dict(), os.path.join(directory, "timm.safetensors"))
+    size = _IMAGE_SIZE.value
+    torch.onnx.export(model, torch.zeros(1, 3, size, size), os.path.join(directory, "timm_onnx.onnx"),
+                      opset_version=onnx_export.OPSET, dynamo=False, input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+    variables = convert.from_torch({k: v.numpy() for k, v in model.state_dict().items()}, _MODEL.value)
+    onnx_export.export_onnx(create_model(_MODEL.value), variables, size, os.path.join(directory, "onnx.onnx"),
+                            nchw=True)  # fmt: skip
+    nodes = {}
+    for side in ("onnx", "timm_onnx"):
+        ops = collections.Counter(n.op_type for n in onnx.load(os.path.join(directory, f"{side}.onnx")).graph.node)
+        nodes[side] = {"nodes": sum(ops.values()), "ops": dict(ops)}
+    return nodes
+
+
+def main(argv: list[str]) -> None:
+    """Prepares the weights and exports, then times each side in its own process, alternating."""
+    del argv
+    if _WORKER.value:
+        side, directory = _WORKER.value.split(":", 1)
+        print(json.dumps(_worker(side, directory)))
+        return
+    report.refuse_existing(_OUT.value)
+    with tempfile.TemporaryDirectory(prefix="deploy_speed_") as directory:
+        graphs = _prepare(directory)
+        rounds: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
+        for index in range(_ROUNDS.value):
+            for side in SIDES if index % 2 == 0 else SIDES[::-1]:
+                flags_ = [f"--{f.name}={f.value}" for f in (_MODEL, _IMAGE_SIZE, _REPEATS)]
+                done = subprocess.run([sys.executable, __file__, f"--worker={side}:{directory}", *flags_,
+                                       f"--out={_OUT.value}"], capture_output=True, text=True, check=False)  # fmt: skip
+                if done.returncode != 0:
+                    raise RuntimeError(f"{side} failed: {done.stderr[-2000:]}")
+                rounds[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(side, rounds[side][-1], flush=True)
+    sides = {side: {key: statistics.median(r[key] for r in results) for key in results[0]}
+             for side, results in rounds.items()}  # fmt: skip
+    ratios = {
+        "onnx_vs_timm_onnx_b1": sides["timm_onnx"]["b1_ms"] / sides["onnx"]["b1_ms"],
+        "onnx_vs_timm_onnx_b8": sides["onnx"]["b8_img_s"] / sides["timm_onnx"]["b8_img_s"],
+        "jit_folded_vs_unfolded_b8": sides["jit_folded"]["b8_img_s"] / sides["jit_unfolded"]["b8_img_s"],
+        "jit_folded_vs_timm_eager_b8": sides["jit_folded"]["b8_img_s"] / sides["timm_eager"]["b8_img_s"],
+        "jit_folded_vs_timm_eager_b1": sides["timm_eager"]["b1_ms"] / sides["jit_folded"]["b1_ms"],
+    }
+    settings = {"model": _MODEL.value, "image_size": _IMAGE_SIZE.value, "repeats": _REPEATS.value,
+                "rounds": _ROUNDS.value, "threads": os.cpu_count()}  # fmt: skip
+    report.write(_OUT.value, PACKAGES, settings, sides=sides, ratios=ratios, rounds=rounds, graphs=graphs)
+    print(json.dumps(ratios, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)
