@@ -53,7 +53,9 @@ SLOWEST_FIRST = (
     "test_failures.py",
     "test_mindspore.py",
     "test_notebooks.py",
+    "test_folding.py",
     "test_install.py",
+    "test_readme.py",
 )
 
 
