@@ -71,9 +71,8 @@ class Bottle2neck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, residual: jax.Array | None = None) -> jax.Array:
-        bn = self.norm
         out = conv(self.width * self.scale, 1, dtype=self.dtype, name="conv1")(x)
-        out = nn.relu(bn(name="bn1")(out, train))
+        out = nn.relu(self.norm(name="bn1")(out, train))
         splits = jnp.split(out, self.scale, axis=-1) if self.scale > 1 else [out]
         branches = []
         for i in range(max(1, self.scale - 1)):
@@ -87,13 +86,13 @@ class Bottle2neck(nn.Module):
                 dtype=self.dtype,
                 name=f"convs_{i}",
             )(branch_in)
-            branches.append(nn.relu(bn(name=f"bns_{i}")(y, train)))
+            branches.append(nn.relu(self.norm(name=f"bns_{i}")(y, train)))
         if self.scale > 1:
             last = splits[-1]
             branches.append(avg_pool_include_pad(last, 3, self.stride, 1) if self.first else last)
         out = jnp.concatenate(branches, axis=-1)
         out = conv(self.out_features, 1, dtype=self.dtype, name="conv3")(out)
-        out = bn(name="bn3", scale_init=nn.initializers.zeros)(out, train)
+        out = self.norm(name="bn3", scale_init=nn.initializers.zeros)(out, train)
         out = DropPath(self.drop_path, name="drop_path")(out, train)
         if residual is None:
             residual = self._shortcut(x, train)
@@ -179,7 +178,8 @@ class Res2Net(_Backbone):
 
     Fine-tuning, as timm's: `drop_rate` is dropout on the pooled features, `drop_path_rate` stochastic
     depth rising linearly from 0 at the first block to `drop_path_rate` at the last; `remat` recomputes
-    each block's activations in the backward pass (gradient checkpointing) to save memory.
+    each block's activations in the backward pass (gradient checkpointing) to save memory. `fold_bn`:
+    inference with each BN folded into its convolution (`fold_batch_norm` makes the variables).
     """
 
     layers: Sequence[int]
@@ -363,8 +363,8 @@ class DLA(_Backbone):
     must be divisible by 32 (timm raises for other sizes too). Backbone use as timm's: `features_only`
     returns the maps of `out_indices` (level i at stride 2**i, i = 0..5); no dilated variant
     (`output_stride` 32 only, as in timm). `num_classes=0` returns the pooled features; `in_chans`
-    sets the input's channel count. `drop_rate` and `remat` as Res2Net's; timm's DLA has no stochastic
-    depth, so neither has this one.
+    sets the input's channel count. `drop_rate`, `remat` and `fold_bn` as Res2Net's; timm's DLA has no
+    stochastic depth, so neither has this one.
     """
 
     levels: Sequence[int] = (1, 1, 1, 2, 3, 1)
