@@ -55,9 +55,9 @@ def main(argv: list[str]) -> None:
         reason = str(err.__cause__ or err).strip().splitlines()[-1].strip()
         raise InvalidInputError(f"cannot load --config={flags.FLAGS['config'].config_filename}: {reason}") from None
     # Imported here so TensorFlow is hidden from the accelerators before anything else touches them.
-    from res2net_jax import input_pipeline, train
+    from res2net_jax import train
 
-    input_pipeline.hide_tf_from_accelerators()
+    cli.hide_tf_from_accelerators()
     train.start_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _PEER_TIMEOUT.value)
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
     if _MODE.value == "train":

@@ -55,9 +55,9 @@ def main(argv: list[str]) -> None:
     from res2net_jax import cli
 
     cli.quiet_startup()  # before TensorFlow is imported
-    from res2net_jax import input_pipeline, registry, train
+    from res2net_jax import registry, train
 
-    input_pipeline.hide_tf_from_accelerators()
+    cli.hide_tf_from_accelerators()
     unknown = sorted(set(weights) - set(registry.list_models()))
     if unknown:
         raise app.UsageError(f"unknown model {', '.join(unknown)}: see res2net_jax.list_models()")

@@ -94,14 +94,17 @@ def _jax(root: str) -> dict[str, Any]:
     from res2net_jax import cli
 
     cli.quiet_startup()  # before TensorFlow is imported
-    from res2net_jax import input_pipeline
+    from res2net_jax import datasets, input_pipeline
 
-    input_pipeline.hide_tf_from_accelerators()
+    cli.hide_tf_from_accelerators()
     config = _config(root)
-    builder = input_pipeline.get_builder(config)
-    info = input_pipeline.dataset_info(builder, config)
-    train = input_pipeline.train_dataset(builder, info, config, 0, 0, 0, 1)
-    evaluation = input_pipeline.eval_dataset(builder, info, config, 0, 1)
+    builder = datasets.get_builder(config)
+    info = datasets.dataset_info(builder, config)
+    crop = input_pipeline.Crop.from_config(config)
+    train = input_pipeline.train_dataset(builder, info, crop, global_batch=config.batch_size, seed=config.seed,
+                                         epoch=0, start_batch=0, process_index=0, process_count=1)  # fmt: skip
+    evaluation = input_pipeline.eval_dataset(builder, info, crop, eval_batch=config.eval_batch_size,
+                                             process_index=0, process_count=1)  # fmt: skip
     figures = {}
     for name, ds in (("train", train), ("eval", evaluation)):
         img_s, per_image = _images_per_second(input_pipeline.as_numpy(ds), _BATCHES.value)
@@ -141,17 +144,17 @@ def _stages(root: str) -> dict[str, float]:
 
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.config.threading.set_intra_op_parallelism_threads(1)
-    config = _config(root)
+    crop = input_pipeline.Crop.from_config(_config(root))
     folder = os.path.join(root, "train")
     files = [os.path.join(d, f) for d, _, names in sorted(os.walk(folder)) for f in sorted(names)]
     blobs = [tf.constant(open(f, "rb").read()) for f in files[: _BATCH.value]]
     seed = tf.constant([0, 1], tf.int64)
-    size = [config.image_size, config.image_size]
+    size = [crop.image_size, crop.image_size]
     draws = tf.random.stateless_uniform([input_pipeline.CROP_TRIES, 4], seed)
 
     def window(data: tf.Tensor) -> tf.Tensor:
         shape = tf.io.extract_jpeg_shape(data)
-        top, left, h, w = input_pipeline.crop_window(shape[0], shape[1], draws, config.crop_scale, config.crop_ratio)
+        top, left, h, w = input_pipeline.crop_window(shape[0], shape[1], draws, crop.scale, crop.ratio)
         return tf.stack([top, left, h, w])
 
     def crop(data: tf.Tensor) -> tf.Tensor:
@@ -165,8 +168,8 @@ def _stages(root: str) -> dict[str, float]:
         "decode_window_tf_resize": tf.function(
             lambda data: tf.image.resize(crop(data), size, method="bilinear", antialias=True)
         ),
-        "host_train_total": tf.function(lambda data: input_pipeline.preprocess_train(data, seed, config)),
-        "host_eval_total": tf.function(lambda data: input_pipeline.preprocess_eval(data, config)),
+        "host_train_total": tf.function(lambda data: input_pipeline.preprocess_train(data, seed, crop)),
+        "host_eval_total": tf.function(lambda data: input_pipeline.preprocess_eval(data, crop)),
     }
     figures = {}
     for name, operation in operations.items():
@@ -190,14 +193,14 @@ def _reads(root: str) -> dict[str, Any]:
     in the epoch's permutation). `whole_split`: the read stage before per-host reads, for comparison:
     every host read every record of the TFRecord files in order through a 16,384-example shuffle
     buffer, batched globally and kept its slice, so its cost does not fall with N. `copy_s`: the one-time
-    ArrayRecord copy of the TFRecord files (`input_pipeline.get_builder`)."""
+    ArrayRecord copy of the TFRecord files (`datasets.get_builder`)."""
     from res2net_jax import cli
 
     cli.quiet_startup()
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from res2net_jax import input_pipeline
+    from res2net_jax import datasets, input_pipeline
 
     tfds.disable_progress_bar()
     folder = os.path.join(root, "train")
@@ -242,7 +245,7 @@ def _reads(root: str) -> dict[str, Any]:
                    "whole_split": {"records_s": read / seconds, "s_per_epoch_per_host": seconds,
                                    "bytes_per_epoch_per_host": count * record_bytes}}  # fmt: skip
         start = time.perf_counter()
-        builder = input_pipeline._read_by_index(builder)
+        builder = datasets._read_by_index(builder)
         figures["copy_s"] = time.perf_counter() - start
         for hosts in HOST_COUNTS:
             local = batch // hosts

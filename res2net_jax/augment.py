@@ -5,11 +5,13 @@ everything after that runs here, vectorised over the batch inside the jitted tra
 comes from a key that depends only on (seed, epoch, example index), so a batch augments the same way
 on any number of devices or hosts, and a resumed run repeats it exactly. The definitions are timm's
 (torchvision's ColorJitter on tensors, timm's RandomErasing in 'pixel' mode), tested on fixed draws.
-Pure JAX: no TensorFlow or ml_collections import.
+Pure JAX: no TensorFlow or ml_collections import; the code reads an `Augmentation`, built once from the
+config, never the config itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,21 @@ ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
 _AUGMENT_STREAM = 0x61756731  # keeps these keys apart from the train step's own RNG stream
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """A run's on-device augmentation: the seed of every draw, horizontal flips, colour-jitter strength
+    (brightness, contrast and saturation factors in [1 - s, 1 + s]) and the random-erasing probability."""
+
+    seed: int
+    hflip: bool
+    color_jitter: float
+    random_erasing: float
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> Augmentation:
+        return cls(config.seed, bool(config.hflip), float(config.color_jitter), float(config.random_erasing))
 
 
 def normalize(images: jax.Array) -> jax.Array:
@@ -91,27 +108,25 @@ def erase(image: jax.Array, draws: jax.Array, noise: jax.Array, probability: flo
     return jnp.where(inside, noise, image)
 
 
-def augment_example(image: jax.Array, key: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+def augment_example(image: jax.Array, key: jax.Array, augmentation: Augmentation) -> jax.Array:
     """One uint8 image (H, W, 3) -> float32 normalised: flip, colour jitter, normalise, random erasing."""
     flip_key, factor_key, order_key, erase_key = jax.random.split(key, 4)
     image = image.astype(jnp.float32) / 255.0
-    if config.hflip:
+    if augmentation.hflip:
         image = jnp.where(jax.random.uniform(flip_key) < 0.5, image[:, ::-1], image)
-    if config.color_jitter > 0:
-        strength = config.color_jitter
+    if augmentation.color_jitter > 0:
+        strength = augmentation.color_jitter
         factors = jax.random.uniform(factor_key, (3,), minval=1 - strength, maxval=1 + strength)
         image = color_jitter(image, factors, jax.random.permutation(order_key, 3))
     image = normalize(image * 255.0)
-    if config.random_erasing > 0:
+    if augmentation.random_erasing > 0:
         draw_key, noise_key = jax.random.split(erase_key)
         draws = jax.random.uniform(draw_key, (ERASE_DRAWS,))
-        image = erase(image, draws, jax.random.normal(noise_key, image.shape), config.random_erasing)
+        image = erase(image, draws, jax.random.normal(noise_key, image.shape), augmentation.random_erasing)
     return image
 
 
-def augment_batch(
-    images: jax.Array, epochs: jax.Array, indices: jax.Array, config: ml_collections.ConfigDict
-) -> jax.Array:
+def augment_batch(images: jax.Array, epochs: jax.Array, indices: jax.Array, augmentation: Augmentation) -> jax.Array:
     """A batch of uint8 images (B, H, W, 3) with each example's epoch and index -> augmented float32."""
-    keys = jax.vmap(lambda e, i: example_key(config.seed, e, i))(epochs, indices)
-    return jax.vmap(lambda image, key: augment_example(image, key, config))(images, keys)
+    keys = jax.vmap(lambda e, i: example_key(augmentation.seed, e, i))(epochs, indices)
+    return jax.vmap(lambda image, key: augment_example(image, key, augmentation))(images, keys)

@@ -5,6 +5,7 @@ lines at import (the oneDNN notice through absl, which then adds "All log messag
 absl::InitializeLog() is called ..."; the CPU-feature notice), which TF_CPP_MIN_LOG_LEVEL alone no
 longer hides. oneDNN's custom kernels serve TensorFlow's matrix products and convolutions, which the
 input pipeline does not run, so they are turned off; TensorFlow's warnings and errors still show.
+`hide_tf_from_accelerators()` then keeps TensorFlow off the GPUs and TPUs that JAX uses.
 
 `run(main)` is absl's `app.run` with a `UserError` printed as one line (exit 1;
 `RES2NET_TRACEBACK=1` shows the traceback), a full disk as one line (exit 1), Ctrl-C outside a
@@ -31,6 +32,14 @@ def quiet_startup() -> None:
     """Hide TensorFlow's informational start-up lines, unless the user set these variables."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def hide_tf_from_accelerators() -> None:
+    """Keep TensorFlow off GPUs/TPUs: JAX owns them; tf.data and SavedModel tracing run on the host CPU."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
 
 
 # main.py's packages beyond the core, by module name: the `train` extra and TensorFlow.

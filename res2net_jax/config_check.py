@@ -22,9 +22,6 @@ from res2net_jax.registry import create_model, get_spec
 if TYPE_CHECKING:
     import ml_collections
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lamb")
-LR_SCHEDULES = ("cosine", "step", "constant")
-DTYPES = ("auto", "float32", "bfloat16")
 BACKENDS = ("auto", "cpu", "gpu", "tpu")
 
 
@@ -72,7 +69,7 @@ def _is_regex(value: Any) -> bool:
 
 _REGEX = (_is_regex, "a regular expression ('' for none)")
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "dtype": _one_of(DTYPES),
+    "dtype": _one_of(tuple(steps.DTYPES)),
     "backend": _one_of(BACKENDS),
     "dataset": ((lambda v: isinstance(v, str) and bool(v.strip())), "a TFDS name or folder:/path"),
     "image_size": ((lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == 0 or v >= 32)),
@@ -94,10 +91,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_batch_size": _integer(1),
     "num_epochs": _integer(1),
     "num_train_steps": ((lambda v: isinstance(v, int) and (v == -1 or v >= 1)), "-1 (use num_epochs) or >= 1"),
-    "optimizer": _one_of(OPTIMIZERS),
+    "optimizer": _one_of(tuple(steps.OPTIMIZERS)),
     "momentum": _fraction(upper_open=True),
     "learning_rate": _at_least(0),
-    "lr_schedule": _one_of(LR_SCHEDULES),
+    "lr_schedule": _one_of(tuple(steps.LR_SCHEDULES)),
     "warmup_epochs": _at_least(0),
     "min_lr": _at_least(0),
     "lr_decay_epochs": _at_least(0, strict=True),

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from res2net_jax import cli
 from res2net_jax.errors import MissingDependencyError
 from res2net_jax.folding import fold_batch_norm
 from res2net_jax.outputs import atomic_output, new_output_path
@@ -74,9 +75,7 @@ def export_savedmodel(
         ) from err
     from jax.experimental import jax2tf
 
-    from res2net_jax.input_pipeline import hide_tf_from_accelerators
-
-    hide_tf_from_accelerators()
+    cli.hide_tf_from_accelerators()
     new_output_path(directory)
     converted = jax2tf.convert(
         logits_fn(model, variables),

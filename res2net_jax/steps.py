@@ -50,11 +50,15 @@ class TrainState:
 # --- Model -----------------------------------------------------------------------------------
 
 
+# config.dtype's choices: "auto" is bfloat16 on GPU/TPU and float32 on CPU.
+DTYPES = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def compute_dtype(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> Any:
-    """bfloat16 on GPU/TPU and float32 on CPU by default; config.dtype overrides."""
-    if config.dtype == "auto":
+    """config.dtype (`DTYPES`) for the platform of `devices`."""
+    if DTYPES[config.dtype] is None:
         return jnp.bfloat16 if devices[0].platform in ("gpu", "tpu") else jnp.float32
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    return DTYPES[config.dtype]
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> nn.Module:
@@ -72,24 +76,29 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any)
 # --- Optimiser --------------------------------------------------------------------------------
 
 
+# config.lr_schedule's choices after warmup: (config, steps_per_epoch, decay_steps) -> schedule of the
+# steps after warmup, decay_steps of them.
+LR_SCHEDULES: dict[str, Callable[[Any, int, int], optax.Schedule]] = {
+    "cosine": lambda config, steps_per_epoch, decay_steps: optax.cosine_decay_schedule(
+        config.learning_rate, decay_steps, alpha=config.min_lr / config.learning_rate if config.learning_rate else 0
+    ),
+    "step": lambda config, steps_per_epoch, decay_steps: optax.exponential_decay(
+        config.learning_rate, int(config.lr_decay_epochs * steps_per_epoch), config.lr_decay_rate, staircase=True
+    ),
+    "constant": lambda config, steps_per_epoch, decay_steps: optax.constant_schedule(config.learning_rate),
+}
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """Linear warmup, then cosine to min_lr, step decay every lr_decay_epochs, or constant."""
+    """Linear warmup, then config.lr_schedule (`LR_SCHEDULES`): cosine to min_lr, step decay every
+    lr_decay_epochs, or constant."""
     warmup = int(config.warmup_epochs * steps_per_epoch)
-    peak = config.learning_rate
-    if config.lr_schedule == "cosine":
-        main = optax.cosine_decay_schedule(
-            peak, max(total_steps - warmup, 1), alpha=config.min_lr / peak if peak else 0
-        )
-    elif config.lr_schedule == "step":
-        boundaries = int(config.lr_decay_epochs * steps_per_epoch)
-        main = optax.exponential_decay(peak, boundaries, config.lr_decay_rate, staircase=True)
-    elif config.lr_schedule == "constant":
-        main = optax.constant_schedule(peak)
-    else:
-        raise InvalidInputError(f"unknown lr_schedule {config.lr_schedule!r}: use 'cosine', 'step' or 'constant'")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise InvalidInputError(f"unknown lr_schedule {config.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}")
+    main = LR_SCHEDULES[config.lr_schedule](config, steps_per_epoch, max(total_steps - warmup, 1))
     if warmup == 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), main], [warmup])
 
 
 def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
@@ -97,25 +106,36 @@ def weight_decay_mask(params: Any, decay_bn_and_bias: bool) -> Any:
     return jax.tree.map(lambda p: decay_bn_and_bias or p.ndim > 1, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD (plain, momentum, Nesterov), AdamW or LAMB, with clipping and weight decay. The schedule is a
-    function of the update count (gradient accumulation happens inside the train step)."""
-    mask = functools.partial(weight_decay_mask, decay_bn_and_bias=config.decay_bn_and_bias)
-    wd = config.weight_decay
-    name = config.optimizer
-    if name in ("sgd", "momentum", "nesterov"):
-        # PyTorch-style SGD weight decay: added to the gradient before momentum.
-        momentum = None if name == "sgd" else config.momentum
-        tx = optax.chain(
-            optax.add_decayed_weights(wd, mask),
-            optax.sgd(schedule, momentum=momentum, nesterov=name == "nesterov"),
+def _sgd(momentum: bool, nesterov: bool = False) -> Callable[[Any, optax.Schedule, Any], optax.GradientTransformation]:
+    """PyTorch-style SGD: weight decay added to the gradient before the momentum."""
+
+    def build(config: ml_collections.ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask),
+            optax.sgd(schedule, momentum=config.momentum if momentum else None, nesterov=nesterov),
         )
-    elif name == "adamw":
-        tx = optax.adamw(schedule, weight_decay=wd, mask=mask)
-    elif name == "lamb":
-        tx = optax.lamb(schedule, weight_decay=wd, mask=mask)
-    else:
-        raise InvalidInputError(f"unknown optimizer {name!r}: use sgd, momentum, nesterov, adamw or lamb")
+
+    return build
+
+
+# config.optimizer's choices: (config, schedule, weight-decay mask) -> the optimiser.
+OPTIMIZERS: dict[str, Callable[[Any, optax.Schedule, Any], optax.GradientTransformation]] = {
+    "sgd": _sgd(momentum=False),
+    "momentum": _sgd(momentum=True),
+    "nesterov": _sgd(momentum=True, nesterov=True),
+    "adamw": lambda config, schedule, mask: optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask),
+    "lamb": lambda config, schedule, mask: optax.lamb(schedule, weight_decay=config.weight_decay, mask=mask),
+}
+
+
+def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """config.optimizer (`OPTIMIZERS`: SGD plain, momentum or Nesterov, AdamW, LAMB), with clipping, weight
+    decay and frozen parameters. The schedule is a function of the update count (gradient accumulation
+    happens inside the train step)."""
+    if config.optimizer not in OPTIMIZERS:
+        raise InvalidInputError(f"unknown optimizer {config.optimizer!r}: use {', '.join(OPTIMIZERS)}")
+    mask = functools.partial(weight_decay_mask, decay_bn_and_bias=config.decay_bn_and_bias)
+    tx = OPTIMIZERS[config.optimizer](config, schedule, mask)
     if config.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     if config.freeze:
@@ -296,11 +316,13 @@ def make_train_step(
         parts = x.reshape(passes, num_devices, x.shape[0] // (passes * num_devices), *x.shape[1:])
         return jnp.swapaxes(parts, 0, 1).reshape(x.shape)
 
+    augmentation = augment.Augmentation.from_config(config)
+
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         targets = smoothed_one_hot(batch["label"], num_classes, config.label_smoothing)
-        images = augment.augment_batch(batch["image"], batch["epoch"], batch["index"], config)
+        images = augment.augment_batch(batch["image"], batch["epoch"], batch["index"], augmentation)
         images, targets = mix_batch(rng, images.astype(model.dtype), targets, config)
         return sharded(state, by_pass(images), by_pass(targets))
 

@@ -26,7 +26,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from res2net_jax import config_check, input_pipeline, pretrained, steps, weight_files
+from res2net_jax import config_check, datasets, input_pipeline, pretrained, steps, weight_files
 from res2net_jax import workdir as run_dir
 from res2net_jax.errors import InvalidInputError, MissingFileError, UserError
 from res2net_jax.registry import get_spec
@@ -201,39 +201,53 @@ def input_bound_note(waited_s: float, elapsed_s: float, images: int) -> str | No
             "the input pipeline, or the dataset prepared on local disk, would train faster")  # fmt: skip
 
 
-def evaluate_variables(
-    eval_step: Callable, variables: Any, builder: Any, info: input_pipeline.DatasetInfo,
-    config: ml_collections.ConfigDict, sharding: NamedSharding,
-) -> dict[str, float]:  # fmt: skip
-    """Top-1, top-5 (percent) and mean loss over the whole eval split."""
-    ds = input_pipeline.eval_dataset(builder, info, config, jax.process_index(), jax.process_count())
-    totals = None
-    for batch in _global_batches(input_pipeline.as_numpy(ds), sharding):
-        sums = eval_step(variables, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = float(totals["count"])
-    if count != info.num_eval:
-        raise TrainingError(f"evaluated {count:.0f} examples, expected {info.num_eval}")
-    return {
-        "top1": 100.0 * float(totals["top1"]) / count,
-        "top5": 100.0 * float(totals["top5"]) / count,
-        "loss": float(totals["loss"]) / count,
-    }
+def make_evaluator(
+    model: nn.Module,
+    builder: Any,
+    info: datasets.DatasetInfo,
+    crop: input_pipeline.Crop,
+    eval_batch: int,
+    mesh: jax.sharding.Mesh,
+) -> Callable[[Any], dict[str, float]]:
+    """A function from variables to their top-1, top-5 (percent) and mean loss over the whole eval split,
+    in global batches of `eval_batch`; its eval step compiles once for every call."""
+    eval_step = steps.make_eval_step(model)
+    sharding = NamedSharding(mesh, P(steps.AXIS))
+
+    def evaluate_variables(variables: Any) -> dict[str, float]:
+        ds = input_pipeline.eval_dataset(
+            builder, info, crop, eval_batch=eval_batch, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )  # fmt: skip
+        totals = None
+        for batch in _global_batches(input_pipeline.as_numpy(ds), sharding):
+            sums = eval_step(variables, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        count = float(totals["count"])
+        if count != info.num_eval:
+            raise TrainingError(f"evaluated {count:.0f} examples, expected {info.num_eval}")
+        return {
+            "top1": 100.0 * float(totals["top1"]) / count,
+            "top5": 100.0 * float(totals["top5"]) / count,
+            "loss": float(totals["loss"]) / count,
+        }
+
+    return evaluate_variables
 
 
 def _prepare(
     config: ml_collections.ConfigDict,
-) -> tuple[ml_collections.ConfigDict, jax.sharding.Mesh, Any, input_pipeline.DatasetInfo, nn.Module]:
+) -> tuple[ml_collections.ConfigDict, jax.sharding.Mesh, Any, datasets.DatasetInfo, nn.Module]:
     """The device mesh, dataset and model a config asks for, each checked, and the config with
     image_size 0 ('auto') resolved for the dataset."""
     devices = select_devices(config.backend)
     _check_batch_sizes(config, len(devices))
-    builder = input_pipeline.get_builder(config)
-    info = input_pipeline.dataset_info(builder, config)
+    builder = datasets.get_builder(config)
+    info = datasets.dataset_info(builder, config)
     if config.image_size == 0:
         config = ml_collections.ConfigDict(config.to_dict())
-        config.image_size = input_pipeline.default_image_size(builder)
+        config.image_size = datasets.default_image_size(builder)
     model = steps.build_model(config, info.num_classes, steps.compute_dtype(config, devices))
     return config, jax.sharding.Mesh(np.array(devices), (steps.AXIS,)), builder, info, model
 
@@ -248,7 +262,7 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> N
             )
 
 
-def _checkpoint_meta(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo) -> dict[str, Any]:
+def _checkpoint_meta(config: ml_collections.ConfigDict, info: datasets.DatasetInfo) -> dict[str, Any]:
     return {
         "model": get_spec(config.model).name,
         "model_overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in config.model_overrides.items()},
@@ -361,15 +375,14 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def _open_workdir(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo, workdir: str) -> Any:
+def _open_workdir(config: ml_collections.ConfigDict, info: datasets.DatasetInfo, workdir: str) -> Any:
     """Creates the workdir, takes its lock, checks that it holds no other run and records the settings and
     class names (process 0 only: the other processes of a multi-host run share its workdir)."""
     if jax.process_index() != 0:
         return None
     os.makedirs(workdir, exist_ok=True)
     held = run_dir.lock(workdir)
-    for field in run_dir.check_settings(workdir, _settings(config)):
-        print(f"{workdir}'s run set config.{field}, which this release no longer has: it resumes without it")
+    run_dir.check_settings(workdir, _settings(config))
     run_dir.write_class_names(workdir, list(info.class_names))
     return held
 
@@ -453,7 +466,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.print(f"resumed from step {int(state.step)} in {workdir}")
         log.truncate_after(int(state.step))
         train_step = steps.make_train_step(model, tx, config, mesh)
-        eval_step = steps.make_eval_step(model)
+        crop = input_pipeline.Crop.from_config(config)
+        evaluator = make_evaluator(model, builder, info, crop, config.eval_batch_size, mesh)
         eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
         last: dict[str, Any] = {}
         pending: list[tuple[int, jax.Array]] = []
@@ -467,7 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     raise _diverged(f"the loss {problem} at step {step}", step - 1, checkpoints, workdir, config)
             pending.clear()
 
-        def save(metrics: dict | None = None) -> None:
+        def save(state: steps.TrainState, metrics: dict | None = None) -> None:
             check_losses()
             try:
                 checkpoints.save(state, meta, metrics)
@@ -482,8 +496,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         while step < total_steps:
             epoch, start = divmod(step, steps_per_epoch)
             ds = input_pipeline.train_dataset(
-                builder, info, config, epoch, start, jax.process_index(), jax.process_count()
-            )
+                builder, info, crop, global_batch=update_batch, seed=config.seed, epoch=epoch, start_batch=start,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+            )  # fmt: skip
             for batch in _global_batches(input_wait.timed(input_pipeline.as_numpy(ds)), split):
                 state, metrics = train_step(state, batch)
                 step += 1
@@ -509,7 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         log.print(note)
                     period = (time.perf_counter(), input_wait.waited, input_wait.images)
                     check_losses()
-                    last = _evaluate_state(eval_step, state, builder, info, config, split, step, steps_per_epoch)
+                    last = _evaluate_state(evaluator, state, step / steps_per_epoch, config.ema_decay > 0)
                     # Only a non-finite evaluation loss: early in training, BN's running statistics lag the
                     # weights, and a healthy 2-epoch quickstart evaluated at loss 37.
                     if not math.isfinite(last["loss"]):
@@ -517,20 +532,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         checkpoints, workdir, config)  # fmt: skip
                     log.evaluation(last)
                     log.print(f"eval step {step} epoch {last['epoch']:.2f}: {_summary(last)}")
-                    save({"top1": last["top1"]})
+                    save(state, {"top1": last["top1"]})
                 elif step % config.checkpoint_every_steps == 0:
-                    save()
+                    save(state)
                 if stop.received:
-                    save()
+                    save(state)
                     checkpoints.wait()
                     log.print(f"{stop.received}: saved step {step} to {workdir}; the same command resumes from there")
                     return {"preempted": True, "step": step}
                 if step >= total_steps:
                     break
-        save()
+        save(state)
         checkpoints.wait()
         if not last:
-            last = _evaluate_state(eval_step, state, builder, info, config, split, step, steps_per_epoch)
+            last = _evaluate_state(evaluator, state, step / steps_per_epoch, config.ema_decay > 0)
     finally:
         stop.restore()
         checkpoints.close()
@@ -539,15 +554,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _evaluate_state(
-    eval_step: Callable, state: steps.TrainState, builder: Any, info: input_pipeline.DatasetInfo,
-    config: ml_collections.ConfigDict, sharding: NamedSharding, step: int, steps_per_epoch: int,
-) -> dict[str, Any]:  # fmt: skip
-    record: dict[str, Any] = {"step": step, "epoch": round(step / steps_per_epoch, 4)}
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    record.update(evaluate_variables(eval_step, variables, builder, info, config, sharding))
-    if config.ema_decay > 0:
-        ema = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
-        metrics = evaluate_variables(eval_step, ema, builder, info, config, sharding)
+    evaluator: Callable[[Any], dict[str, float]], state: steps.TrainState, epoch: float, with_ema: bool
+) -> dict[str, Any]:
+    """The evaluation record of a training state at `epoch`: its weights', and its EMA weights' if kept."""
+    record: dict[str, Any] = {"step": int(state.step), "epoch": round(epoch, 4)}
+    record.update(evaluator({"params": state.params, "batch_stats": state.batch_stats}))
+    if with_ema:
+        metrics = evaluator({"params": state.ema_params, "batch_stats": state.ema_batch_stats})
         record.update({f"ema_{k}": v for k, v in metrics.items()})
     return record
 
@@ -562,7 +575,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
     if not config.eval_weights and (not workdir or run_dir.locate(workdir) is None):
         raise MissingFileError(f"no checkpoint in {workdir}: train first, or name weights with --config.eval_weights")
     config, mesh, builder, info, model = _prepare(config)
-    eval_step = steps.make_eval_step(model)
+    crop = input_pipeline.Crop.from_config(config)
+    evaluator = make_evaluator(model, builder, info, crop, config.eval_batch_size, mesh)
     record: dict[str, Any] = {"weights": os.path.abspath(source), "dataset": config.dataset, "split": info.eval_split}
     kinds = {"": False, "ema_": True} if config.ema_decay > 0 and run_dir.locate(source) else {"": False}
     for prefix, ema in kinds.items():
@@ -570,7 +584,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
             source, config.model, info.num_classes, overrides=config.model_overrides, ema=ema
         )
         variables = jax.device_put(variables, NamedSharding(mesh, P()))
-        metrics = evaluate_variables(eval_step, variables, builder, info, config, NamedSharding(mesh, P(steps.AXIS)))
+        metrics = evaluator(variables)
         if not math.isfinite(metrics["loss"]):
             raise TrainingError(f"the evaluation loss of {source} is {metrics['loss']}: its weights do not compute "
                                 "finite logits on this data")  # fmt: skip

@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -104,22 +104,18 @@ def lock(workdir: str) -> Any:
 # --- Settings -----------------------------------------------------------------------------------
 
 
-def check_settings(workdir: str, settings: Mapping[str, Any]) -> list[str]:
+def check_settings(workdir: str, settings: Mapping[str, Any]) -> None:
     """Refuses settings that make another run than the one in the workdir, then records them.
 
     `settings` are the config as JSON values. Once the workdir holds a checkpoint or a metrics line,
-    its fields outside RESUMABLE_FIELDS must equal those of WORKDIR/config.json. (A run that left no
-    config.json, from before it was written, is checked against its checkpoints' metadata instead.)
-    Returns the recorded fields that are no longer settings (retired by a later release), which the
-    run resumes without.
+    its fields outside RESUMABLE_FIELDS must equal those of WORKDIR/config.json. (A workdir whose
+    config.json was removed is checked against its checkpoints' metadata alone, on restoring.)
     """
     settings = json.loads(json.dumps(dict(settings)))
-    retired = []
     if has_run(workdir):
         recorded = read_settings(workdir)
         if recorded is None:
-            return retired
-        retired = sorted(set(recorded) - set(settings))
+            return
         changed = sorted(k for k in settings if k not in RESUMABLE_FIELDS and recorded.get(k) != settings[k])
         if changed:
             detail = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in changed[:6])
@@ -127,11 +123,11 @@ def check_settings(workdir: str, settings: Mapping[str, Any]) -> list[str]:
                 f"{workdir} holds another run ({detail}): use a new --workdir, or its settings to resume it"
             )
     _write_json_atomically(os.path.join(workdir, CONFIG), settings)
-    return retired
 
 
 def read_settings(workdir: str) -> dict[str, Any] | None:
-    """The settings recorded in WORKDIR/config.json; None for a run from before it was written."""
+    """The settings recorded in WORKDIR/config.json; None where there is none (a checkpoint directory
+    copied without its run's files)."""
     path = os.path.join(workdir, CONFIG)
     if not os.path.exists(path):
         return None
@@ -267,9 +263,15 @@ class Checkpoints:
         Newer ones that fail are reported and moved to WORKDIR/damaged/; if every checkpoint fails,
         nothing is moved and the error lists why (the run is not silently started over).
         """
-        skipped: list[tuple[int, str]] = []
+
+        def read(step: int) -> Any:
+            found = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            _check_same_run(self.workdir, found, meta)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            return _finite(self.latest.restore(step, args=args)["state"])
+
         with _quiet_failed_reads():
-            state = self._newest_restorable(abstract_state, meta, skipped)
+            state, skipped = _restore_newest(sorted(self.latest.all_steps(), reverse=True), read)
         if skipped and state is None:
             listing = "; ".join(f"step {s}: {why}" for s, why in skipped)
             raise InvalidInputError(
@@ -281,25 +283,6 @@ class Checkpoints:
         if skipped:
             self._move_aside([step for step, _ in skipped])
         return state
-
-    def _newest_restorable(self, abstract_state: Any, meta: dict, skipped: list[tuple[int, str]]) -> Any | None:
-        for step in sorted(self.latest.all_steps(), reverse=True):
-            try:
-                found = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            except Exception as err:  # orbax, tensorstore and json each raise their own types
-                skipped.append((step, _reason(err)))
-                continue
-            _check_same_run(self.workdir, found, meta)
-            try:
-                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-                state = self.latest.restore(step, args=args)["state"]
-            except Exception as err:
-                skipped.append((step, _reason(err)))
-                continue
-            if bool(all_finite(state)):
-                return state
-            skipped.append((step, "it holds NaN or infinite values"))
-        return None
 
     def _move_aside(self, steps: list[int]) -> None:
         if jax.process_index() == 0:
@@ -375,6 +358,34 @@ def _quiet_failed_reads() -> Iterator[None]:
         asyncio_log.disabled = False
 
 
+class _NotFinite(Exception):
+    """A checkpoint that restored but holds NaN or infinite values."""
+
+
+def _finite(tree: Any) -> Any:
+    """`tree`, if every value in it is finite."""
+    if not bool(all_finite(tree)):
+        raise _NotFinite
+    return tree
+
+
+def _restore_newest(steps: list[int], read: Callable[[int], Any]) -> tuple[Any | None, list[tuple[int, str]]]:
+    """What `read` returns for the first of `steps` (newest first) it reads, None if none, with the steps
+    skipped before it and why. A UserError from `read` (another run's checkpoint, no EMA) is the user's
+    to see and passes through; any other error, or `_NotFinite`, is a damaged checkpoint."""
+    skipped: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            return read(step), skipped
+        except UserError:
+            raise
+        except _NotFinite:
+            skipped.append((step, "it holds NaN or infinite values"))
+        except Exception as err:  # orbax, tensorstore and json each raise their own types
+            skipped.append((step, _reason(err)))
+    return None, skipped
+
+
 def _reason(err: BaseException) -> str:
     """The innermost cause of a failed restore, in at most about 200 characters."""
     while err.__cause__ is not None:
@@ -430,7 +441,7 @@ class RunInfo:
     model_overrides: dict[str, Any]
     num_classes: int
     class_names: list[str] | None
-    eval_size_and_crop: tuple[int, float] | None  # image_size and crop_pct; None before config.json was written
+    eval_size_and_crop: tuple[int, float] | None  # image_size and crop_pct; None without WORKDIR/config.json
 
 
 def _newest_first(source: Source, manager: ocp.CheckpointManager) -> list[int]:
@@ -448,17 +459,14 @@ def describe(source: Source) -> RunInfo:
     run `source` is in, from the metadata its checkpoints carry, WORKDIR/classes.txt and config.json."""
     manager = _manager(source.directory, "read")
     try:
-        steps = _newest_first(source, manager)
-        for step in steps:
-            try:
-                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                break
-            except Exception:  # a damaged checkpoint: the next one says the same
-                continue
-        else:
-            raise InvalidInputError(f"{source.directory} holds no readable checkpoint")
+        meta, _ = _restore_newest(
+            _newest_first(source, manager),
+            lambda step: manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"],
+        )
     finally:
         manager.close()
+    if meta is None:
+        raise InvalidInputError(f"{source.directory} holds no readable checkpoint")
     names_path = os.path.join(source.root, CLASSES)
     names = None
     if os.path.exists(names_path):
@@ -484,30 +492,24 @@ def read_variables(path: str | os.PathLike, ema: bool = False) -> dict[str, Any]
     manager = _manager(source.directory, "read")
     on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     keys = ("ema_params", "ema_batch_stats") if ema else ("params", "batch_stats")
-    reasons = []
+
+    def read(step: int) -> dict[str, Any]:
+        shapes = manager.item_metadata(step)["state"]
+        if not shapes.get(keys[0]):
+            raise InvalidInputError(f"{path} holds no EMA of the weights: its run had ema_decay 0")
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_host), shapes)
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        return _finite({"params": state[keys[0]], "batch_stats": state[keys[1]]})
+
     with _quiet_failed_reads():
         try:
-            steps = _newest_first(source, manager)
-            for step in steps:
-                try:
-                    shapes = manager.item_metadata(step)["state"]
-                    if not shapes.get(keys[0]):
-                        raise InvalidInputError(f"{path} holds no EMA of the weights: its run had ema_decay 0")
-                    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_host), shapes)
-                    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
-                    state = manager.restore(step, args=args)["state"]
-                except UserError:
-                    raise
-                except Exception as err:  # orbax, tensorstore and json each raise their own types
-                    reasons.append(f"step {step}: {_reason(err)}")
-                    continue
-                variables = {"params": state[keys[0]], "batch_stats": state[keys[1]]}
-                if bool(all_finite(variables)):
-                    for reason in reasons:
-                        print(f"warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
-                    return variables
-                reasons.append(f"step {step}: it holds NaN or infinite values")
+            variables, skipped = _restore_newest(_newest_first(source, manager), read)
         finally:
             manager.close()
-    detail = f" ({'; '.join(reasons)})" if reasons else ""
-    raise InvalidInputError(f"{path} has no checkpoint that can be restored{detail}")
+    reasons = [f"step {step}: {why}" for step, why in skipped]
+    if variables is None:
+        detail = f" ({'; '.join(reasons)})" if reasons else ""
+        raise InvalidInputError(f"{path} has no checkpoint that can be restored{detail}")
+    for reason in reasons:
+        print(f"warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
+    return variables

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -103,16 +102,15 @@ def test_normalize_is_imagenet_mean_and_std() -> None:
 def test_each_example_augments_by_its_seed_epoch_and_index_alone() -> None:
     """An example's augmentation does not depend on its batch or position in it, so any split of a
     batch over devices or hosts, or a resumed run, augments it alike; another epoch draws anew."""
-    config = ml_collections.ConfigDict({"seed": 3, "hflip": True, "color_jitter": 0.4, "random_erasing": 0.5})
+    augmentation = augment.Augmentation(seed=3, hflip=True, color_jitter=0.4, random_erasing=0.5)
     images = jnp.asarray(np.stack([_image(i) for i in range(8)]))
     epochs, indices = jnp.full(8, 2, jnp.int32), jnp.arange(100, 108, dtype=jnp.int32)
     augment_batch = jax.jit(augment.augment_batch, static_argnums=3)
-    config = ml_collections.FrozenConfigDict(config)
-    whole = np.asarray(augment_batch(images, epochs, indices, config))
+    whole = np.asarray(augment_batch(images, epochs, indices, augmentation))
     order = np.array([5, 0, 7, 2])
-    part = np.asarray(augment_batch(images[order], epochs[order], indices[order], config))
+    part = np.asarray(augment_batch(images[order], epochs[order], indices[order], augmentation))
     np.testing.assert_array_equal(part, whole[order])
-    next_epoch = np.asarray(augment_batch(images, epochs + 1, indices, config))
+    next_epoch = np.asarray(augment_batch(images, epochs + 1, indices, augmentation))
     assert all(not np.array_equal(a, b) for a, b in zip(whole, next_epoch, strict=True))
-    plain = ml_collections.FrozenConfigDict({"seed": 3, "hflip": False, "color_jitter": 0.0, "random_erasing": 0.0})
+    plain = augment.Augmentation(seed=3, hflip=False, color_jitter=0.0, random_erasing=0.0)
     np.testing.assert_allclose(augment_batch(images, epochs, indices, plain), augment.normalize(images), atol=1e-6)

@@ -241,17 +241,6 @@ def test_another_run_in_a_finished_workdir_is_refused(finished_run: str, noise_f
     assert {name: open(os.path.join(workdir, name), "rb").read() for name in before} == before
 
 
-def test_a_run_recorded_with_a_retired_field_resumes_without_it(tmp_path) -> None:
-    """A field an earlier release recorded in WORKDIR/config.json (shuffle_buffer, before examples were read
-    in a permutation of each epoch) does not make the run another run; a changed field still does."""
-    (tmp_path / "metrics.jsonl").write_text('{"step": 10}\n')
-    (tmp_path / "config.json").write_text(json.dumps({"seed": 0, "shuffle_buffer": 16384, "num_epochs": 2}))
-    assert run_dir.check_settings(str(tmp_path), {"seed": 0, "num_epochs": 3}) == ["shuffle_buffer"]
-    assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 0, "num_epochs": 3}
-    with pytest.raises(errors.InvalidInputError, match="holds another run \\(seed: 0 there, 1 now\\)"):
-        run_dir.check_settings(str(tmp_path), {"seed": 1, "num_epochs": 3})
-
-
 # --- 5. Config values -------------------------------------------------------------------------
 
 BAD_VALUES = [

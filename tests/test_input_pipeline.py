@@ -20,7 +20,7 @@ from PIL import Image
 from timm.data import create_transform
 
 from configs import quickstart
-from res2net_jax import input_pipeline
+from res2net_jax import datasets, input_pipeline
 
 
 def _config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
@@ -36,42 +36,58 @@ def _batches(ds: tf.data.Dataset) -> list[dict[str, np.ndarray]]:
     return list(input_pipeline.as_numpy(ds))
 
 
+def _train(builder, info, config, epoch: int, start_batch: int, host: int, hosts: int) -> tf.data.Dataset:
+    """`input_pipeline.train_dataset` as train.py calls it for `config`."""
+    return input_pipeline.train_dataset(
+        builder, info, input_pipeline.Crop.from_config(config), global_batch=config.batch_size, seed=config.seed,
+        epoch=epoch, start_batch=start_batch, process_index=host, process_count=hosts,
+    )  # fmt: skip
+
+
+def _eval(builder, info, config, host: int, hosts: int) -> tf.data.Dataset:
+    """`input_pipeline.eval_dataset` as train.py calls it for `config`."""
+    crop = input_pipeline.Crop.from_config(config)
+    return input_pipeline.eval_dataset(
+        builder, info, crop, eval_batch=config.eval_batch_size, process_index=host, process_count=hosts
+    )
+
+
 def test_digits_dataset_is_built_offline(digits_dir: str) -> None:
-    builder = input_pipeline.get_builder(_config(digits_dir))
-    info = input_pipeline.dataset_info(builder, _config(digits_dir))
+    builder = datasets.get_builder(_config(digits_dir))
+    info = datasets.dataset_info(builder, _config(digits_dir))
     assert (info.num_classes, info.num_train, info.num_eval, info.eval_split) == (10, 1442, 355, "test")
-    assert input_pipeline.default_image_size(builder) == 32  # 8x8 images train at the networks' minimum
+    assert datasets.default_image_size(builder) == 32  # 8x8 images train at the networks' minimum
 
 
 @pytest.mark.parametrize(
     ("name", "size"), [("cifar10", 32), ("cifar100", 32), ("imagenette", 224), ("imagenet2012", 224)]
 )
 def test_image_size_auto_follows_the_dataset(tmp_path, name: str, size: int) -> None:
-    assert input_pipeline.default_image_size(tfds.builder(name, data_dir=str(tmp_path))) == size
+    assert datasets.default_image_size(tfds.builder(name, data_dir=str(tmp_path))) == size
 
 
 def test_train_batches_are_reproducible_resumable_and_split_over_hosts(digits_dir: str) -> None:
     config = _config(digits_dir, crop_scale=(0.3, 1.0), hflip=True, color_jitter=0.4, random_erasing=0.5)
-    builder = input_pipeline.get_builder(config)
-    info = input_pipeline.dataset_info(builder, config)
-    epoch = _batches(input_pipeline.train_dataset(builder, info, config, 3, 0, 0, 1))
+    builder = datasets.get_builder(config)
+    info = datasets.dataset_info(builder, config)
+    epoch = _batches(_train(builder, info, config, 3, 0, 0, 1))
     assert len(epoch) == 1442 // 16
     assert epoch[0]["image"].shape == (16, 32, 32, 3) and epoch[0]["image"].dtype == np.uint8
     assert set(epoch[0]["epoch"]) == {3} and len(set(np.concatenate([b["index"] for b in epoch]))) == 1442 - 2
-    again = _batches(input_pipeline.train_dataset(builder, info, config, 3, 0, 0, 1))
+    again = _batches(_train(builder, info, config, 3, 0, 0, 1))
     for a, b in zip(epoch, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
-    resumed = _batches(input_pipeline.train_dataset(builder, info, config, 3, 85, 0, 1))
+    resumed = _batches(_train(builder, info, config, 3, 85, 0, 1))
     for a, b in zip(epoch[85:], resumed, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
         np.testing.assert_array_equal(a["index"], b["index"])
     # Two hosts each decode their half of every global batch; together they make the same batch.
-    halves = [_batches(input_pipeline.train_dataset(builder, info, config, 3, 0, i, 2))[:3] for i in range(2)]
+    halves = [_batches(_train(builder, info, config, 3, 0, i, 2))[:3] for i in range(2)]
     for whole, first, second in zip(epoch[:3], *halves, strict=False):
         for key in ("image", "index"):
             np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
-    other_epoch = _batches(input_pipeline.train_dataset(builder, info, config, 4, 0, 0, 1))
+    other_epoch = _batches(_train(builder, info, config, 4, 0, 0, 1))
     assert not np.array_equal(other_epoch[0]["label"], epoch[0]["label"])
     # Each epoch visits every class in proportion (a full shuffle, not a slice).
     counts = collections.Counter(np.concatenate([b["label"] for b in epoch]).tolist())
@@ -102,23 +118,23 @@ def _recorded_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_each_host_reads_only_the_examples_it_decodes(digits_dir: str, monkeypatch, process_count: int) -> None:
     config = _config(digits_dir)
-    builder = input_pipeline.get_builder(config)
-    info = input_pipeline.dataset_info(builder, config)
-    whole = _batches(input_pipeline.train_dataset(builder, info, config, 1, 0, 0, 1))
+    builder = datasets.get_builder(config)
+    info = datasets.dataset_info(builder, config)
+    whole = _batches(_train(builder, info, config, 1, 0, 0, 1))
     reads = _recorded_reads(monkeypatch)
     local = 16 // process_count
     for host in range(process_count):
         reads.clear()
-        batches = _batches(input_pipeline.train_dataset(builder, info, config, 1, 0, host, process_count))
+        batches = _batches(_train(builder, info, config, 1, 0, host, process_count))
         decoded = np.concatenate([batch["index"] for batch in batches])
         mine = np.concatenate([batch["index"][host * local : (host + 1) * local] for batch in whole])
         np.testing.assert_array_equal(decoded, mine)  # its slice of each global batch of one host's run
         assert sorted(reads) == sorted(decoded.tolist())  # read once each, and nothing else
         reads.clear()
-        _batches(input_pipeline.eval_dataset(builder, info, config, host, process_count))
+        _batches(_eval(builder, info, config, host, process_count))
         assert sorted(reads) == list(range(host, info.num_eval, process_count))
     reads.clear()  # a resumed epoch reads nothing before its first batch
-    resumed = _batches(input_pipeline.train_dataset(builder, info, config, 1, 85, 0, 1))
+    resumed = _batches(_train(builder, info, config, 1, 85, 0, 1))
     assert sorted(reads) == sorted(np.concatenate([b["index"] for b in resumed]).tolist())
     assert len(reads) == (len(whole) - 85) * 16
 
@@ -132,15 +148,15 @@ def test_a_tfrecord_dataset_is_read_from_arrayrecord_copies_made_once(tmp_path, 
     expected = list(tfds.as_numpy(reference))  # TFDS's own TFRecord reader, in the files' order
 
     def read_all() -> None:
-        builder = input_pipeline.get_builder(_config(str(tmp_path)))
+        builder = datasets.get_builder(_config(str(tmp_path)))
         images, labels = input_pipeline._reader(builder, "train")(tf.range(len(expected), dtype=tf.int64))
         assert images.numpy().tolist() == [example["image"] for example in expected]
         assert labels.numpy().tolist() == [example["label"] for example in expected]
 
     # The hosts of a multi-host run, each starting the copy at once: each writes whole files.
-    script = ("from configs import quickstart; from res2net_jax import input_pipeline; "
+    script = ("from configs import quickstart; from res2net_jax import datasets; "
               f"config = quickstart.get_config(); config.data_dir = {str(tmp_path)!r}; "
-              "input_pipeline.get_builder(config)")  # fmt: skip
+              "datasets.get_builder(config)")  # fmt: skip
     hosts = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env(1), stdout=subprocess.PIPE, text=True)
              for _ in range(2)]  # fmt: skip
     outputs = [host.communicate(timeout=300)[0] for host in hosts]
@@ -167,7 +183,7 @@ def test_a_tfrecord_dataset_is_read_from_arrayrecord_copies_made_once(tmp_path, 
 
     monkeypatch.setattr(tfds.core.file_adapters.ArrayRecordFileAdapter, "write_examples", refuse)
     with pytest.raises(ValueError, match=r"cannot write ArrayRecord copies of .*Permission denied.*writable --config"):
-        input_pipeline.get_builder(_config(str(tmp_path)))
+        datasets.get_builder(_config(str(tmp_path)))
 
 
 def test_an_interrupted_preparation_leaves_nothing_behind(tmp_path, capsys) -> None:
@@ -180,26 +196,26 @@ def test_an_interrupted_preparation_leaves_nothing_behind(tmp_path, capsys) -> N
     os.makedirs(left)
     open(os.path.join(left, "sklearn_digits-train.array_record-00000-of-00001"), "wb").close()
     config = _config(str(tmp_path))
-    info = input_pipeline.dataset_info(input_pipeline.get_builder(config), config)
+    info = datasets.dataset_info(datasets.get_builder(config), config)
     assert (info.num_train, info.num_eval) == (1442, 355)
     out = capsys.readouterr().out
     assert (
         f"removed what an interrupted preparation of sklearn_digits left: {os.path.basename(left.rstrip('/'))}" in out
     )
     assert sorted(os.listdir(tmp_path / "sklearn_digits")) == ["1.0.0"]
-    input_pipeline.get_builder(config)  # prepared: nothing to remove, nothing said
+    datasets.get_builder(config)  # prepared: nothing to remove, nothing said
     assert "removed" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_covers_the_whole_split_once(digits_dir: str, process_count: int) -> None:
     config = _config(digits_dir)
-    builder = input_pipeline.get_builder(config)
-    info = input_pipeline.dataset_info(builder, config)
-    steps = input_pipeline.eval_steps(info, config, process_count)
+    builder = datasets.get_builder(config)
+    info = datasets.dataset_info(builder, config)
+    steps = input_pipeline.eval_steps(info.num_eval, config.eval_batch_size, process_count)
     labels = []
     for index in range(process_count):
-        batches = _batches(input_pipeline.eval_dataset(builder, info, config, index, process_count))
+        batches = _batches(_eval(builder, info, config, index, process_count))
         assert len(batches) == steps  # every host runs the same number of steps
         for batch in batches:
             labels.extend(batch["label"][batch["mask"] > 0].tolist())
@@ -215,10 +231,10 @@ def test_eval_transform_is_timms(shape: tuple[int, int]) -> None:
     """The host's resize and centre crop, as uint8, against timm's evaluation transform (PIL's Resize(256)
     and CenterCrop(224)): equal, or one level apart where PIL's float32 crop box moves a rounding."""
     image = (np.random.RandomState(shape[0]).rand(*shape, 3) * 255).astype(np.uint8)
-    config = ml_collections.ConfigDict({"image_size": 224, "crop_pct": 0.875})
-    ours = input_pipeline.preprocess_eval(tf.io.encode_png(image), config).numpy()
-    resize, crop = create_transform(224, interpolation="bilinear", crop_pct=0.875).transforms[:2]
-    expected = np.asarray(crop(resize(Image.fromarray(image))))
+    crop = input_pipeline.Crop(224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_pct=0.875)
+    ours = input_pipeline.preprocess_eval(tf.io.encode_png(image), crop).numpy()
+    resize, centre = create_transform(224, interpolation="bilinear", crop_pct=0.875).transforms[:2]
+    expected = np.asarray(centre(resize(Image.fromarray(image))))
     assert ours.dtype == np.uint8 and ours.shape == expected.shape
     levels = np.abs(ours.astype(np.int32) - expected)
     assert levels.max() <= 1 and levels.mean() < 0.3, (levels.max(), levels.mean())
@@ -232,9 +248,10 @@ def test_train_crop_is_torchvisions_random_resized_crop(shape: tuple[int, int]) 
     config = _config("", image_size=56)
     config.crop_scale = (0.08, 1.0)
     encoded = tf.io.encode_png(image)
+    crop = input_pipeline.Crop.from_config(config)
     for seed in range(6):
         seed_tensor = tf.constant([seed, 3], tf.int64)
-        ours = input_pipeline.preprocess_train(encoded, seed_tensor, config).numpy()
+        ours = input_pipeline.preprocess_train(encoded, seed_tensor, crop).numpy()
         draws = tf.random.stateless_uniform([input_pipeline.CROP_TRIES, 4], seed_tensor)
         top, left, height, width = (int(v) for v in input_pipeline.crop_window(*shape, draws, (0.08, 1.0),
                                                                                config.crop_ratio))  # fmt: skip
@@ -253,21 +270,21 @@ def test_image_folder_dataset(tmp_path) -> None:
                     tmp_path / split / label / f"{i}.png"
                 )
     config = _config("", dataset=f"folder:{tmp_path}", batch_size=4, eval_batch_size=4)
-    builder = input_pipeline.get_builder(config)
-    info = input_pipeline.dataset_info(builder, config)
+    builder = datasets.get_builder(config)
+    info = datasets.dataset_info(builder, config)
     assert (info.num_classes, info.num_train, info.num_eval) == (2, 12, 6)
-    assert input_pipeline.default_image_size(builder) == 224  # images of any size: the ImageNet size
-    assert len(_batches(input_pipeline.train_dataset(builder, info, config, 0, 0, 0, 1))) == 3
-    eval_batches = _batches(input_pipeline.eval_dataset(builder, info, config, 0, 1))
+    assert datasets.default_image_size(builder) == 224  # images of any size: the ImageNet size
+    assert len(_batches(_train(builder, info, config, 0, 0, 0, 1))) == 3
+    eval_batches = _batches(_eval(builder, info, config, 0, 1))
     assert sum(float(b["mask"].sum()) for b in eval_batches) == 6
     with pytest.raises(ValueError, match=r"'train\[:50%\]' cannot be sliced"):
-        input_pipeline.dataset_info(builder, _config("", dataset=f"folder:{tmp_path}", train_split="train[:50%]"))
+        datasets.dataset_info(builder, _config("", dataset=f"folder:{tmp_path}", train_split="train[:50%]"))
     for name in ("cat", "dog"):  # class folders left empty in validation: found before any training
         shutil.rmtree(tmp_path / "validation" / name)
         (tmp_path / "validation" / name).mkdir()
     empty = _config("", dataset=f"folder:{tmp_path}")
     with pytest.raises(ValueError, match="split 'validation' of folder:.* holds no examples: name a split"):
-        input_pipeline.dataset_info(input_pipeline.get_builder(empty), empty)
+        datasets.dataset_info(datasets.get_builder(empty), empty)
 
 
 def _image_folder(root, counts: dict[str, dict[str, int]]) -> str:
@@ -289,7 +306,7 @@ def test_an_image_folder_is_checked_and_what_is_skipped_is_said(tmp_path, capsys
     (tmp_path / "ok" / "train" / "a" / "clip.gif").write_bytes(b"GIF89a")
     (tmp_path / "ok" / "train" / "b" / "more").mkdir()
     config = _config("", dataset=dataset)
-    input_pipeline.get_builder(config)
+    datasets.get_builder(config)
     assert capsys.readouterr().out.strip() == (
         f"{dataset}: 2 classes, train 6 images, validation 3 images; skipped 2 entries that are not "
         ".jpg/.jpeg/.png files (train/a/clip.gif, train/b/more/)"
@@ -302,14 +319,14 @@ def test_an_image_folder_is_checked_and_what_is_skipped_is_said(tmp_path, capsys
     (bad / "validation" / "b" / "cut.png").write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match=r"3 file\(s\) in .* are not whole JPEG or PNG images: .*notes\.jpg, "
                                          r".*noise\.png, .*cut\.png; repair, convert or remove them"):  # fmt: skip
-        input_pipeline.get_builder(_config("", dataset=dataset))
+        datasets.get_builder(_config("", dataset=dataset))
     gifs = _image_folder(tmp_path / "gifs", {"train": {"a": 2, "b": 0}, "validation": {"a": 1, "b": 1}})
     (tmp_path / "gifs" / "train" / "b" / "only.gif").write_bytes(b"GIF89a")
     with pytest.raises(ValueError, match="class 'b' of .*/train holds no .jpg/.jpeg/.png image"):
-        input_pipeline.get_builder(_config("", dataset=gifs))
+        datasets.get_builder(_config("", dataset=gifs))
     extra = _image_folder(tmp_path / "extra", {"train": {"a": 2, "b": 2}, "validation": {"a": 1, "c": 1}})
     with pytest.raises(ValueError, match="class 'c' is in .*/validation but not in .*/train: it would be evaluated"):
-        input_pipeline.get_builder(_config("", dataset=extra))
+        datasets.get_builder(_config("", dataset=extra))
 
 
 def test_a_dataset_to_download_without_network_is_one_line_at_once(tmp_path, monkeypatch) -> None:
@@ -333,22 +350,22 @@ def test_a_dataset_to_download_without_network_is_one_line_at_once(tmp_path, mon
         match="cifar10 is not prepared in .* and TFDS must download it, but "
         "www.cs.toronto.edu cannot be reached .offline.*tfds build cifar10",
     ):
-        input_pipeline.get_builder(_config(str(data_dir), dataset="cifar10"))
+        datasets.get_builder(_config(str(data_dir), dataset="cifar10"))
     assert not data_dir.exists() or not any(data_dir.rglob("*"))
 
 
 def test_dataset_errors_say_what_to_do(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown dataset 'cifar1O'.*Did you mean.*cifar10"):
-        input_pipeline.get_builder(_config(str(tmp_path), dataset="cifar1O"))
+        datasets.get_builder(_config(str(tmp_path), dataset="cifar1O"))
     with pytest.raises(FileNotFoundError, match=r"ILSVRC2012_img_train.tar.*downloads/manual"):
-        input_pipeline.get_builder(_config(str(tmp_path), dataset="imagenet2012"))
+        datasets.get_builder(_config(str(tmp_path), dataset="imagenet2012"))
     (tmp_path / "flat").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "flat" / "a.png")
     with pytest.raises(ValueError, match="one directory per split"):
-        input_pipeline.get_builder(_config("", dataset=f"folder:{tmp_path / 'flat'}"))
+        datasets.get_builder(_config("", dataset=f"folder:{tmp_path / 'flat'}"))
     with pytest.raises(ValueError, match="has no split 'valid'"):
         config = _config(str(tmp_path.parent / "digits"), eval_split="valid")
-        input_pipeline.dataset_info(input_pipeline.get_builder(config), config)
+        datasets.dataset_info(datasets.get_builder(config), config)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -371,10 +388,11 @@ def test_jpeg_crop_decoding_equals_decoding_the_whole_image(mode: str, image_siz
     Image.fromarray(decoded).save(png, format="PNG")
     config = _config("", image_size=image_size, color_jitter=0.0, random_erasing=0.0, hflip=False)
     config.crop_scale = (0.08, 1.0)
+    crop = input_pipeline.Crop.from_config(config)
     for seed in range(8):
         seed_tensor = tf.constant([seed, 7], tf.int64)
-        from_jpeg = input_pipeline.preprocess_train(tf.constant(jpeg.getvalue()), seed_tensor, config).numpy()
-        from_png = input_pipeline.preprocess_train(tf.constant(png.getvalue()), seed_tensor, config).numpy()
+        from_jpeg = input_pipeline.preprocess_train(tf.constant(jpeg.getvalue()), seed_tensor, crop).numpy()
+        from_png = input_pipeline.preprocess_train(tf.constant(png.getvalue()), seed_tensor, crop).numpy()
         levels = np.abs(from_jpeg.astype(np.float32) - from_png)
         if image_size == 128:  # no window is 256 px high: always full scale
             assert np.mean(levels > 2) < 0.03 and levels.mean() < 0.5, (seed, np.mean(levels > 2), levels.mean())
@@ -440,9 +458,9 @@ def test_eval_jpeg_decodes_only_what_the_crop_reads(width: int, height: int, ima
     decoded = tf.io.decode_image(jpeg.getvalue(), channels=3).numpy()
     png = io.BytesIO()
     Image.fromarray(decoded).save(png, format="PNG")
-    config = ml_collections.ConfigDict({"image_size": image_size, "crop_pct": 0.875})
-    from_jpeg = input_pipeline.preprocess_eval(tf.constant(jpeg.getvalue()), config).numpy().astype(np.float32)
-    from_png = input_pipeline.preprocess_eval(tf.constant(png.getvalue()), config).numpy()
+    crop = input_pipeline.Crop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_pct=0.875)
+    from_jpeg = input_pipeline.preprocess_eval(tf.constant(jpeg.getvalue()), crop).numpy().astype(np.float32)
+    from_png = input_pipeline.preprocess_eval(tf.constant(png.getvalue()), crop).numpy()
     levels = np.abs(from_jpeg - from_png)
     # At most 1 level: PIL keeps the crop box in float32, so a box offset within the window rather
     # than within the whole image moves some roundings (measured: 0.002 to 0.2 on average); without
