@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 from collections.abc import Iterator
 
@@ -16,6 +18,18 @@ from timm.models.res2net import Bottle2neck
 from timm.models.resnet import ResNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# XLA (whose backends start after these imports) compiles the suite's programs, here and in the processes
+# the tests start, with LLVM's optimisation off: most are train steps of tiny networks that run a few
+# times, and they compile in about 40% less time. The journeys that measure what a user gets (the
+# quickstart's accuracy, the notebooks) compile as a user's process does (`shipped_env`).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def shipped_env(**extra: str) -> dict[str, str]:
+    """This process's environment with XLA's default compilation (no FAST_COMPILE), and `extra`."""
+    return dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(FAST_COMPILE, "").strip(), **extra)
 
 
 def mindspore_python() -> str:
@@ -44,24 +58,56 @@ _TIMM_BUILDERS = {
 }
 
 
-# The longest files, longest first: pytest-xdist hands out whole files (--dist loadfile) in collection
-# order, so starting these early lets both workers finish together.
-SLOWEST_FIRST = (
-    "test_train.py",
-    "test_parity.py",
-    "test_quickstart.py",
-    "test_failures.py",
-    "test_mindspore.py",
-    "test_notebooks.py",
-    "test_folding.py",
-    "test_install.py",
-    "test_readme.py",
-)
+# Every test's seconds (setup, call and teardown) in the last recorded full run on the CI machine (2 cores):
+# `python -m pytest -n 2 --dist loadfile --record-durations` rewrites it. The files run longest first, so that
+# pytest-xdist (which hands out whole files in collection order) finishes both workers together, and
+# tests of SLOW_S or more (or using SLOW_FIXTURES) are marked `slow`: `pytest -m "not slow"` is the fast loop.
+DURATIONS = os.path.join(ROOT, "tests", "durations.json")
+SLOW_S = 5.0
+# Fixtures that train a run (about a minute each): a test using one is slow, whichever test paid for it.
+SLOW_FIXTURES = {"six_step_run", "reference_run", "short_run", "trained"}
+
+
+def _recorded() -> dict[str, float]:
+    if not os.path.exists(DURATIONS):
+        return {}
+    with open(DURATIONS) as f:
+        return json.load(f)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--record-durations", action="store_true", help=f"rewrite {os.path.relpath(DURATIONS, ROOT)}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"slow: took {SLOW_S:g} s or more in {os.path.basename(DURATIONS)}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    recorded = _recorded()
+    per_file: dict[str, float] = collections.defaultdict(float)
+    for nodeid, seconds in recorded.items():
+        per_file[nodeid.split("::")[0]] += seconds
+    for item in items:
+        if recorded.get(item.nodeid, 0.0) >= SLOW_S or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+    # A file not yet recorded goes first: it may be long.
+    items.sort(key=lambda item: -per_file.get(item.nodeid.split("::")[0], float("inf")))
+
+
+_SECONDS: dict[str, float] = collections.defaultdict(float)  # this session's, by test
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _SECONDS[report.nodeid] += report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Under pytest-xdist the controller, which receives every worker's reports, writes the record.
+    if session.config.getoption("--record-durations") and not hasattr(session.config, "workerinput"):
+        with open(DURATIONS, "w") as f:
+            json.dump({k: round(v, 2) for k, v in sorted(_SECONDS.items())}, f, indent=0)
+            f.write("\n")
 
 
 def timm_model(name: str, seed: int = 0, num_classes: int = 1000, **overrides) -> torch.nn.Module:
@@ -172,17 +218,18 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def xla_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One persistent XLA compilation cache for a test file's main.py runs: runs of the same config skip
-    compiling (about 25 s each on 2 cores); the results are the same programs' results."""
+    """One persistent XLA compilation cache for the main.py runs of a test process (an xdist worker), in
+    every file: runs of the same config skip compiling (about 30 of a 6-step run's 55 s on 2 cores); the
+    results are the same programs' results."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
         patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # Orbax's many small first-save programs too
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def noise_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     """folder:PATH of generated noise images in 4 classes (`launch.noise_images`)."""
     from launch import noise_images
@@ -202,3 +249,19 @@ def hub_cache(root: str, repo_id: str, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         with open(os.path.join(repo, "snapshots", commit, name), "wb") as f:
             f.write(data)
+
+
+@pytest.fixture(scope="session")
+def six_step_run(tmp_path_factory: pytest.TempPathFactory, noise_folder: str, xla_cache: None) -> str:
+    """A finished run: main.py's six steps with an EMA on one device (`launch.command`: checkpoints at steps
+    2, 4 and 6, the evaluation at 6) on the noise folder. Shared by the tests of a worker: copy it before
+    changing it."""
+    from launch import run
+
+    workdir = str(tmp_path_factory.mktemp("six_steps"))
+    done = run(workdir, noise_folder, *SIX_STEPS, devices=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+SIX_STEPS = ("--config.num_train_steps=6",)  # what `six_step_run` adds to launch.command

@@ -26,12 +26,11 @@ def command(workdir: str, dataset: str, *overrides: str) -> list[str]:
     ]  # fmt: skip
 
 
-def env(devices: int, cache: bool = True) -> dict[str, str]:
-    """The environment for `devices` fake CPU devices (without the compilation cache if not `cache`)."""
-    base = {k: v for k, v in os.environ.items() if cache or not k.startswith("JAX_COMPILATION_CACHE")}
+def env(devices: int) -> dict[str, str]:
+    """The environment for `devices` fake CPU devices."""
     return dict(
-        base,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        os.environ,
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip(),
         CUDA_VISIBLE_DEVICES="",
         JAX_PLATFORMS="cpu",
     )

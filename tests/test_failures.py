@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import SIX_STEPS as SIX
 from launch import ROOT, assert_one_line_error, env, metrics, popen, run
 from PIL import Image
 
@@ -30,19 +31,9 @@ from res2net_jax import config_check, convert, errors, inference, weight_files
 from res2net_jax import workdir as run_dir
 
 OVERRIDES = {"layers": (1, 1, 1, 1), "base_width": 4}
-SIX = ("--config.num_train_steps=6", "--config.ema_decay=0")  # checkpoints at steps 2, 4 and 6
 
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, noise_folder: str) -> str:
-    """Six steps on one device, checkpoints at 2, 4 and 6: the reference the damaged copies must match."""
-    workdir = str(tmp_path_factory.mktemp("finished"))
-    done = run(workdir, noise_folder, *SIX, devices=1)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return workdir
 
 
 def _all_checkpoints_finite(workdir: str) -> list[int]:
@@ -105,8 +96,8 @@ def test_divergence_without_a_checkpoint_says_to_start_a_new_workdir(noise_folde
     assert _all_checkpoints_finite(str(tmp_path)) == []
 
 
-def test_evaluating_non_finite_weights_fails(finished_run: str, noise_folder: str, tmp_path) -> None:
-    variables = weight_files.load_variables(finished_run, "res2net50", overrides=OVERRIDES)
+def test_evaluating_non_finite_weights_fails(six_step_run: str, noise_folder: str, tmp_path) -> None:
+    variables = weight_files.load_variables(six_step_run, "res2net50", overrides=OVERRIDES)
     variables["params"]["layer1_0"]["conv1"]["kernel"] = variables["params"]["layer1_0"]["conv1"]["kernel"] * np.inf
     weights = str(tmp_path / "inf.safetensors")
     weight_files.save_state_dict(convert.to_torch(variables, "res2net50", OVERRIDES), weights)
@@ -165,28 +156,28 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_checkpoints_are_skipped_and_the_run_ends_as_if_undamaged(
-    damage: str, finished_run: str, noise_folder: str, tmp_path
+    damage: str, six_step_run: str, noise_folder: str, tmp_path
 ) -> None:
     workdir = str(tmp_path / "run")
-    shutil.copytree(finished_run, workdir)
+    shutil.copytree(six_step_run, workdir)
     DAMAGE[damage](workdir)
     done = run(workdir, noise_folder, *SIX, devices=1)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "warning: skipped checkpoint step 6" in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 3, done.stderr[-3000:]  # one line per skipped thing
-    assert metrics(workdir) == metrics(finished_run)
+    assert metrics(workdir) == metrics(six_step_run)
     assert done.stdout.strip().splitlines()[-1].startswith("final (step 6): top-1 ")
     assert sorted(os.listdir(os.path.join(workdir, "damaged")))  # moved aside, not deleted
     ours = weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)["params"]
-    theirs = weight_files.load_variables(finished_run, "res2net50", overrides=OVERRIDES)["params"]
+    theirs = weight_files.load_variables(six_step_run, "res2net50", overrides=OVERRIDES)["params"]
     np.testing.assert_array_equal(ours["fc"]["bias"], theirs["fc"]["bias"])
 
 
 def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
-    finished_run: str, noise_folder: str, tmp_path
+    six_step_run: str, noise_folder: str, tmp_path
 ) -> None:
     workdir = str(tmp_path / "run")
-    shutil.copytree(finished_run, workdir)
+    shutil.copytree(six_step_run, workdir)
     _write_nan_checkpoint(workdir, 6)
     variables = weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)  # step 4's
     assert bool(run_dir.all_finite(variables))
@@ -201,10 +192,10 @@ def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
         weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)
 
 
-def test_a_run_stopped_before_its_first_evaluation_has_no_best_checkpoint_yet(finished_run: str, tmp_path) -> None:
+def test_a_run_stopped_before_its_first_evaluation_has_no_best_checkpoint_yet(six_step_run: str, tmp_path) -> None:
     """WORKDIR/best exists, empty, until the first evaluation: predict says so in one line."""
     workdir = tmp_path / "run"
-    shutil.copytree(finished_run, workdir)
+    shutil.copytree(six_step_run, workdir)
     shutil.rmtree(workdir / "best")
     (workdir / "best").mkdir()
     image = str(tmp_path / "x.png")
@@ -227,13 +218,13 @@ def test_a_live_workdir_is_refused_and_a_dead_holder_does_not_block(noise_folder
     first.send_signal(signal.SIGKILL)
     first.communicate()
     assert_one_line_error(second, f"is in use by host {os.uname().nodename} PID {first.pid}")
-    third = run(workdir, noise_folder, devices=1)  # the killed holder's lock went with it
+    third = run(workdir, noise_folder, *SIX, devices=1)  # the killed holder's lock went with it
     assert third.returncode == 0, third.stderr[-3000:]
 
 
-def test_another_run_in_a_finished_workdir_is_refused(finished_run: str, noise_folder: str, tmp_path) -> None:
+def test_another_run_in_a_finished_workdir_is_refused(six_step_run: str, noise_folder: str, tmp_path) -> None:
     workdir = str(tmp_path / "run")
-    shutil.copytree(finished_run, workdir)
+    shutil.copytree(six_step_run, workdir)
     before = {name: open(os.path.join(workdir, name), "rb").read() for name in ("metrics.jsonl", "config.json")}
     done = run(workdir, noise_folder, *SIX, "--config.seed=1", "--config.model_overrides.base_width=6", devices=1)
     assert_one_line_error(done, "holds another run (model_overrides: ")
@@ -330,11 +321,11 @@ def test_bad_config_is_refused_before_the_workdir_is_made(noise_folder: str, tmp
     assert not os.path.exists(new)
 
 
-def test_changing_the_optimizer_of_a_workdir_is_named(finished_run: str, noise_folder: str, tmp_path) -> None:
+def test_changing_the_optimizer_of_a_workdir_is_named(six_step_run: str, noise_folder: str, tmp_path) -> None:
     workdir = str(tmp_path / "run")
-    shutil.copytree(finished_run, workdir)
+    shutil.copytree(six_step_run, workdir)
     done = run(workdir, noise_folder, *SIX, "--config.optimizer=adamw", "--config.ema_decay=0.5", devices=1)
-    assert_one_line_error(done, "ema_decay: 0.0 there, 0.5 now; optimizer: 'nesterov' there, 'adamw' now")
+    assert_one_line_error(done, "ema_decay: 0.9 there, 0.5 now; optimizer: 'nesterov' there, 'adamw' now")
 
 
 # --- 6. One line, not a traceback -------------------------------------------------------------

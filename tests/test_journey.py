@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import rel_error
+from conftest import SIX_STEPS, rel_error
 from launch import ROOT, env, run
 from PIL import Image
 
@@ -27,11 +28,10 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, noise_folder: str) -> str:
-    """Six steps with an EMA on the 4-class noise folder (class0 ... class3)."""
-    workdir = str(tmp_path_factory.mktemp("journey"))
-    done = run(workdir, noise_folder, "--config.num_train_steps=6", devices=1)
-    assert done.returncode == 0, done.stderr[-3000:]
+def trained(tmp_path_factory: pytest.TempPathFactory, six_step_run: str) -> str:
+    """Six steps with an EMA on the 4-class noise folder (class0 ... class3), a copy of its own."""
+    workdir = str(tmp_path_factory.mktemp("journey") / "run")
+    shutil.copytree(six_step_run, workdir)
     return workdir
 
 
@@ -114,7 +114,7 @@ def test_predict_and_eval_read_the_run(trained: str, noise_folder: str, tmp_path
     result = inference.make_predict_fn(model, variables, 4, SIZE, 1.0)(crop[None])
     top = int(result.top_classes[0, 0])
     assert f"{float(result.top_probs[0, 0]):7.2%}  {top:4d}  class{top}" in done.stdout  # names from classes.txt
-    done = run(trained, noise_folder, "--config.num_train_steps=6", mode="eval", devices=1)
+    done = run(trained, noise_folder, *SIX_STEPS, mode="eval", devices=1)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(trained, "eval.jsonl")) as f:
         record = json.loads(f.readlines()[-1])

@@ -10,6 +10,7 @@ import sys
 
 import nbformat
 import pytest
+from conftest import shipped_env
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +32,7 @@ def test_notebook_runs_and_is_committed_clean(name: str, tmp_path, monkeypatch: 
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", shipped_env()["XLA_FLAGS"])
     # Jupyter starts a notebook's kernel in the notebook's own folder, and so do these runs.
     folder = os.path.join(ROOT, "notebooks")
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": folder}}).execute()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from conftest import shipped_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,7 +19,7 @@ def test_quickstart_reaches_95_percent(tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "main.py", "--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}",
          f"--config.data_dir={tmp_path / 'tfds'}"],
-        cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=1200,
+        cwd=ROOT, env=shipped_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     # Nothing but our own lines: no TensorFlow/TFDS start-up noise (TensorFlow 2.21's oneDNN and absl

@@ -209,8 +209,8 @@ def test_two_processes_on_loopback_form_one_run(started_by: str, short_run: str,
         subprocess.Popen(
             [*command(workdir, noise_folder, SHORT), *(flags[index] if started_by == "flags" else [])],
             cwd=ROOT,
-            # no compilation cache: the two would write the same cache entries at once
-            env={**env(2, cache=False), **(_slurm(index, port) if started_by == "slurm" else {})},
+            # The two write the same compilation cache entries at once; the second case reads them.
+            env={**env(2), **(_slurm(index, port) if started_by == "slurm" else {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
