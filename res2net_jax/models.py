@@ -7,6 +7,7 @@ weight has one obvious home: PyTorch `layer1.0.convs.2.weight` lives at Flax
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -139,9 +140,20 @@ def _block_class(remat: bool) -> type[Bottle2neck]:
 
 
 class _Backbone(nn.Module):
-    """What Res2Net and DLA share as timm-style backbones. Each network provides the fields
-    `out_indices` and `features_only`, `_all_features()` (timm's feature_info dicts of every map, the
-    last the classifier's input), `_maps(x, train, out_indices)` and `forward_head`."""
+    """What Res2Net and DLA share as timm-style backbones: the fields below (keyword-only), and the
+    feature and head methods. Each network provides the field `out_indices`, `_all_features()` (timm's
+    feature_info dicts of every map, the last the classifier's input), `_maps(x, train, out_indices)`
+    and `forward_head`."""
+
+    num_classes: int = dataclasses.field(default=1000, kw_only=True)
+    in_chans: int = dataclasses.field(default=3, kw_only=True)
+    features_only: bool = dataclasses.field(default=False, kw_only=True)
+    output_stride: int = dataclasses.field(default=32, kw_only=True)
+    drop_rate: float = dataclasses.field(default=0.0, kw_only=True)
+    remat: bool = dataclasses.field(default=False, kw_only=True)
+    fold_bn: bool = dataclasses.field(default=False, kw_only=True)
+    dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)
+    axis_name: str | None = dataclasses.field(default=None, kw_only=True)
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -188,17 +200,8 @@ class Res2Net(_Backbone):
     cardinality: int = 1
     deep_stem: bool = False
     avg_down: bool = False
-    num_classes: int = 1000
-    in_chans: int = 3
-    features_only: bool = False
     out_indices: Sequence[int] = (0, 1, 2, 3, 4)
-    output_stride: int = 32
-    drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    remat: bool = False
-    fold_bn: bool = False
-    dtype: Dtype = jnp.float32
-    axis_name: str | None = None
 
     def setup(self) -> None:
         _ = self.feature_info  # checks out_indices and output_stride
@@ -372,16 +375,7 @@ class DLA(_Backbone):
     base_width: int = 28
     scale: int = 4
     cardinality: int = 1
-    num_classes: int = 1000
-    in_chans: int = 3
-    features_only: bool = False
     out_indices: Sequence[int] = (1, 2, 3, 4, 5)
-    output_stride: int = 32
-    drop_rate: float = 0.0
-    remat: bool = False
-    fold_bn: bool = False
-    dtype: Dtype = jnp.float32
-    axis_name: str | None = None
 
     def setup(self) -> None:
         _ = self.feature_info  # checks out_indices and output_stride
