@@ -157,16 +157,16 @@ def _stages(root: str) -> dict[str, float]:
         top, left, h, w = input_pipeline.crop_window(shape[0], shape[1], draws, crop.scale, crop.ratio)
         return tf.stack([top, left, h, w])
 
-    def crop(data: tf.Tensor) -> tf.Tensor:
+    def decode_window(data: tf.Tensor) -> tf.Tensor:
         return tf.io.decode_and_crop_jpeg(data, window(data), channels=3)
 
     operations = {
         "decode_whole": tf.function(lambda data: tf.io.decode_jpeg(data, channels=3)),
         "window": tf.function(window),
-        "decode_window": tf.function(crop),
+        "decode_window": tf.function(decode_window),
         # TensorFlow's antialiased resize (ScaleAndTranslate), which the pipeline used before PIL's.
         "decode_window_tf_resize": tf.function(
-            lambda data: tf.image.resize(crop(data), size, method="bilinear", antialias=True)
+            lambda data: tf.image.resize(decode_window(data), size, method="bilinear", antialias=True)
         ),
         "host_train_total": tf.function(lambda data: input_pipeline.preprocess_train(data, seed, crop)),
         "host_eval_total": tf.function(lambda data: input_pipeline.preprocess_eval(data, crop)),

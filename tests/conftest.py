@@ -60,7 +60,7 @@ _TIMM_BUILDERS = {
 
 # Every test's seconds (setup, call and teardown) in the last recorded full run on the CI machine (2 cores):
 # `python -m pytest -n 2 --dist loadfile --record-durations` rewrites it. The files run longest first, so that
-# pytest-xdist (which hands out whole files in collection order) finishes both workers together, and
+# pytest-xdist (which hands out whole files, here in collection order) finishes both workers together, and
 # tests of SLOW_S or more (or using SLOW_FIXTURES) are marked `slow`: `pytest -m "not slow"` is the fast loop.
 DURATIONS = os.path.join(ROOT, "tests", "durations.json")
 SLOW_S = 5.0
@@ -81,6 +81,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"slow: took {SLOW_S:g} s or more in {os.path.basename(DURATIONS)}")
+    # pytest-xdist (3.6 on) hands out files with the most tests first unless told not to: the 1-test
+    # quickstart, the longest file, then started last and ended the run alone.
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
