@@ -21,7 +21,7 @@ def accumulation_dtype(dtype: Dtype) -> Dtype:
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(
+def pytorch_conv(
     features: int,
     kernel: int,
     *,
@@ -29,7 +29,7 @@ def conv(
     dilation: int = 1,
     groups: int = 1,
     bias: bool = False,
-    dtype: Dtype,
+    dtype: Dtype = jnp.float32,
     name: str | None = None,
 ) -> nn.Conv:
     """A PyTorch-style convolution: symmetric padding of dilation x (kernel // 2) on every side.

@@ -24,8 +24,8 @@ from res2net_jax.layers import (
     avg_pool_2x2_same,
     avg_pool_ceil_exclude_pad,
     avg_pool_include_pad,
-    conv,
     max_pool,
+    pytorch_conv,
 )
 
 Dtype = Any
@@ -67,32 +67,26 @@ class Bottle2neck(nn.Module):
     first: bool = False
     shortcut: str = "identity"
     drop_path: float = 0.0
-    dtype: Dtype = jnp.float32
-    norm: Callable[..., BatchNorm] = BatchNorm  # the network's BN, built once (`norm_layer`)
+    conv: Callable[..., nn.Conv] = pytorch_conv  # the network's convolution and BN, configured once
+    norm: Callable[..., BatchNorm] = BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, residual: jax.Array | None = None) -> jax.Array:
-        out = conv(self.width * self.scale, 1, dtype=self.dtype, name="conv1")(x)
+        out = self.conv(self.width * self.scale, 1, name="conv1")(x)
         out = nn.relu(self.norm(name="bn1")(out, train))
         splits = jnp.split(out, self.scale, axis=-1) if self.scale > 1 else [out]
         branches = []
         for i in range(max(1, self.scale - 1)):
             branch_in = splits[i] if i == 0 or self.first else branches[-1] + splits[i]
-            y = conv(
-                self.width,
-                3,
-                stride=self.stride,
-                dilation=self.dilation,
-                groups=self.cardinality,
-                dtype=self.dtype,
-                name=f"convs_{i}",
+            y = self.conv(
+                self.width, 3, stride=self.stride, dilation=self.dilation, groups=self.cardinality, name=f"convs_{i}"
             )(branch_in)
             branches.append(nn.relu(self.norm(name=f"bns_{i}")(y, train)))
         if self.scale > 1:
             last = splits[-1]
             branches.append(avg_pool_include_pad(last, 3, self.stride, 1) if self.first else last)
         out = jnp.concatenate(branches, axis=-1)
-        out = conv(self.out_features, 1, dtype=self.dtype, name="conv3")(out)
+        out = self.conv(self.out_features, 1, name="conv3")(out)
         out = self.norm(name="bn3", scale_init=nn.initializers.zeros)(out, train)
         out = DropPath(self.drop_path, name="drop_path")(out, train)
         if residual is None:
@@ -103,14 +97,14 @@ class Bottle2neck(nn.Module):
         if self.shortcut == "identity":
             return x
         if self.shortcut == "conv":
-            y = conv(self.out_features, 1, stride=self.stride, dtype=self.dtype, name="downsample_0")(x)
+            y = self.conv(self.out_features, 1, stride=self.stride, name="downsample_0")(x)
             return self.norm(name="downsample_1")(y, train)
         if self.shortcut == "avg_conv":
             if self.stride > 1:
                 x = avg_pool_ceil_exclude_pad(x, self.stride)
             elif self.pool_dilated:
                 x = avg_pool_2x2_same(x)
-            y = conv(self.out_features, 1, dtype=self.dtype, name="downsample_1")(x)
+            y = self.conv(self.out_features, 1, name="downsample_1")(x)
             return self.norm(name="downsample_2")(y, train)
         raise ValueError(f"unknown shortcut {self.shortcut!r}: use 'identity', 'conv' or 'avg_conv'")
 
@@ -127,10 +121,13 @@ def _feature_dicts(all_features: list[dict[str, Any]], out_indices: Sequence[int
     return [all_features[known.index(i)] for i in out_indices]
 
 
-def _norm(network: nn.Module) -> Callable[..., BatchNorm]:
-    """The network's BatchNorm, configured once (compute dtype, synchronised axis, folded for inference)
-    and handed to its blocks."""
-    return functools.partial(BatchNorm, dtype=network.dtype, axis_name=network.axis_name, folded=network.fold_bn)
+def _layer_factories(network: nn.Module) -> dict[str, Callable[..., nn.Module]]:
+    """The network's convolution (compute dtype) and BatchNorm (compute dtype, synchronised axis, folded for
+    inference), configured once and handed to its blocks as the fields `conv` and `norm`."""
+    return {
+        "conv": functools.partial(pytorch_conv, dtype=network.dtype),
+        "norm": functools.partial(BatchNorm, dtype=network.dtype, axis_name=network.axis_name, folded=network.fold_bn),
+    }
 
 
 def _block_class(remat: bool) -> type[Bottle2neck]:
@@ -205,18 +202,12 @@ class Res2Net(_Backbone):
 
     def setup(self) -> None:
         _ = self.feature_info  # checks out_indices and output_stride
-        dt = self.dtype
-        norm = _norm(self)
+        factories = _layer_factories(self)
+        conv, norm = factories["conv"], factories["norm"]
         if self.deep_stem:
-            self.conv1 = {
-                "0": conv(32, 3, stride=2, dtype=dt),
-                "1": norm(),
-                "3": conv(32, 3, dtype=dt),
-                "4": norm(),
-                "6": conv(64, 3, dtype=dt),
-            }
+            self.conv1 = {"0": conv(32, 3, stride=2), "1": norm(), "3": conv(32, 3), "4": norm(), "6": conv(64, 3)}
         else:
-            self.conv1 = conv(64, 7, stride=2, dtype=dt)
+            self.conv1 = conv(64, 7, stride=2)
         self.bn1 = norm()
         in_features, net_stride, dilation = 64, 4, 1
         block_class, num_blocks, block_index = _block_class(self.remat), sum(self.layers), 0
@@ -243,15 +234,14 @@ class Res2Net(_Backbone):
                         first=needs_projection,
                         shortcut=("avg_conv" if self.avg_down else "conv") if needs_projection else "identity",
                         drop_path=self.drop_path_rate * block_index / max(num_blocks - 1, 1),  # timm's rule
-                        dtype=dt,
-                        norm=norm,
+                        **factories,
                     )
                 )
                 in_features, block_index = planes * 4, block_index + 1
             setattr(self, f"layer{stage + 1}", blocks)
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes and not self.features_only:
-            self.fc = nn.Dense(self.num_classes, dtype=dt, param_dtype=jnp.float32)
+            self.fc = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)
 
     def _all_features(self) -> list[dict[str, Any]]:
         if self.output_stride not in (8, 16, 32):
@@ -296,12 +286,12 @@ class DlaRoot(nn.Module):
     """Aggregation node: 1x1 conv over the concatenated children, BN, ReLU."""
 
     out_features: int
-    dtype: Dtype = jnp.float32
+    conv: Callable[..., nn.Conv] = pytorch_conv
     norm: Callable[..., BatchNorm] = BatchNorm
 
     @nn.compact
     def __call__(self, children: list[jax.Array], train: bool) -> jax.Array:
-        x = conv(self.out_features, 1, dtype=self.dtype, name="conv")(jnp.concatenate(children, axis=-1))
+        x = self.conv(self.out_features, 1, name="conv")(jnp.concatenate(children, axis=-1))
         return nn.relu(self.norm(name="bn")(x, train))
 
 
@@ -317,7 +307,7 @@ class DlaTree(nn.Module):
     scale: int = 4
     cardinality: int = 1
     remat: bool = False
-    dtype: Dtype = jnp.float32
+    conv: Callable[..., nn.Conv] = pytorch_conv
     norm: Callable[..., BatchNorm] = BatchNorm
 
     @nn.compact
@@ -326,11 +316,11 @@ class DlaTree(nn.Module):
         bottom = max_pool(x, self.stride, self.stride, 0) if self.stride > 1 else x
         if self.level_root:
             children.append(bottom)
-        common = {"dtype": self.dtype, "norm": self.norm}
+        common = {"conv": self.conv, "norm": self.norm}
         if self.levels == 1:
             shortcut = bottom
             if self.in_features != self.out_features:
-                shortcut = conv(self.out_features, 1, dtype=self.dtype, name="project_0")(bottom)
+                shortcut = self.conv(self.out_features, 1, name="project_0")(bottom)
                 shortcut = self.norm(name="project_1")(shortcut, train)
             x1 = self._block(self.stride, "tree1")(x, train, shortcut)
             x2 = self._block(1, "tree2")(x1, train)
@@ -353,7 +343,7 @@ class DlaTree(nn.Module):
             cardinality=self.cardinality,
             stride=stride,
             first=stride > 1,
-            dtype=self.dtype,
+            conv=self.conv,
             norm=self.norm,
             name=name,
         )
@@ -379,32 +369,30 @@ class DLA(_Backbone):
 
     def setup(self) -> None:
         _ = self.feature_info  # checks out_indices and output_stride
-        dt = self.dtype
         c = self.channels
-        self.base_layer = {"0": conv(c[0], 7, dtype=dt), "1": _norm(self)()}
-        self.level0 = self._conv_level(c[0], self.levels[0], 1)
-        self.level1 = self._conv_level(c[1], self.levels[1], 2)
-        tree_args = {
-            "base_width": self.base_width,
-            "scale": self.scale,
-            "cardinality": self.cardinality,
-            "remat": self.remat,
-            "dtype": dt,
-            "norm": _norm(self),
-        }
+        factories = _layer_factories(self)
+        conv, norm = factories["conv"], factories["norm"]
+        self.base_layer = {"0": conv(c[0], 7), "1": norm()}
+        self.level0 = self._conv_level(c[0], self.levels[0], 1, factories)
+        self.level1 = self._conv_level(c[1], self.levels[1], 2, factories)
+        tree_args = {"base_width": self.base_width, "scale": self.scale, "cardinality": self.cardinality,
+                     "remat": self.remat, **factories}  # fmt: skip
         self.level2 = DlaTree(self.levels[2], c[1], c[2], 2, level_root=False, **tree_args)
         self.level3 = DlaTree(self.levels[3], c[2], c[3], 2, level_root=True, **tree_args)
         self.level4 = DlaTree(self.levels[4], c[3], c[4], 2, level_root=True, **tree_args)
         self.level5 = DlaTree(self.levels[5], c[4], c[5], 2, level_root=True, **tree_args)
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes and not self.features_only:
-            self.fc = conv(self.num_classes, 1, bias=True, dtype=dt)
+            self.fc = conv(self.num_classes, 1, bias=True)
 
-    def _conv_level(self, features: int, num_convs: int, stride: int) -> dict[str, nn.Module]:
+    @staticmethod
+    def _conv_level(
+        features: int, num_convs: int, stride: int, factories: dict[str, Callable[..., nn.Module]]
+    ) -> dict[str, nn.Module]:
         layers: dict[str, nn.Module] = {}
         for i in range(num_convs):
-            layers[str(3 * i)] = conv(features, 3, stride=stride if i == 0 else 1, dtype=self.dtype)
-            layers[str(3 * i + 1)] = _norm(self)()
+            layers[str(3 * i)] = factories["conv"](features, 3, stride=stride if i == 0 else 1)
+            layers[str(3 * i + 1)] = factories["norm"]()
         return layers
 
     @staticmethod
