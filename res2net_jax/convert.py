@@ -17,12 +17,14 @@ files is `res2net_jax.weight_files`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +32,7 @@ from flax import traverse_util
 
 from res2net_jax.errors import InvalidInputError
 from res2net_jax.models import DLA, Res2Net
-from res2net_jax.registry import MODELS, create_model, get_spec
+from res2net_jax.registry import MODELS, create_model, describe, identify
 
 Variables = dict[str, Any]
 HEAD_KEYS = ("fc.weight", "fc.bias")
@@ -71,28 +73,24 @@ def torch_layout(shapes: Variables) -> dict[str, tuple[tuple[str, ...], tuple[in
 Overrides = Mapping[str, Any] | None
 
 
-def _frozen(overrides: Overrides) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (overrides or {}).items()))
-
-
-def _expected(model_name: str, num_classes: int, overrides: Overrides = None) -> dict[str, tuple]:
-    return _expected_cached(get_spec(model_name).name, num_classes, _frozen(overrides))
+def layout(model: nn.Module) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """PyTorch key -> (Flax path, PyTorch shape) for every variable of `model`, computed once per architecture
+    (models compare by value; a list field such as `layers=[1, 1, 1, 1]` compares as its tuple)."""
+    lists = {f.name: tuple(v) for f in dataclasses.fields(model) if isinstance(v := getattr(model, f.name), list)}
+    return _layout(model.clone(**lists) if lists else model)
 
 
 @functools.lru_cache(maxsize=64)
-def _expected_cached(model_name: str, num_classes: int, overrides: tuple) -> dict[str, tuple]:
-    """PyTorch key -> (Flax path, PyTorch shape) for every variable of the model."""
-    model = create_model(model_name, num_classes=num_classes, **dict(overrides))
+def _layout(model: nn.Module) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, model.in_chans), jnp.float32))
     return torch_layout(shapes)
 
 
-def first_conv_key(model_name: str) -> str:
+def first_conv_key(model: nn.Module) -> str:
     """The PyTorch key of the convolution that reads the image (timm's pretrained_cfg 'first_conv')."""
-    spec = get_spec(model_name)
-    if spec.family is DLA:
+    if isinstance(model, DLA):
         return "base_layer.0.weight"
-    return "conv1.0.weight" if spec.kwargs.get("deep_stem") else "conv1.weight"
+    return "conv1.0.weight" if model.deep_stem else "conv1.weight"
 
 
 def adapt_input_conv(weight: np.ndarray, in_chans: int) -> np.ndarray:
@@ -117,7 +115,8 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _head_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
+def head_classes(state_dict: Mapping[str, Any]) -> int | None:
+    """The class count of a state dict's classifier (None without one)."""
     weight = state_dict.get(HEAD_KEYS[0])
     return None if weight is None else int(weight.shape[0])
 
@@ -130,10 +129,10 @@ def _listing(items: list[str], limit: int = 5) -> str:
 def guess_model(state_dict: Mapping[str, Any]) -> str | None:
     """The registered variant whose keys and shapes (head aside) a state dict matches best."""
     shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not k.endswith(_BN_COUNTER)}
-    classes = _head_classes(state_dict) or 1000
+    classes = head_classes(state_dict) or 1000
     best, best_score = None, 0.0
     for name in MODELS:
-        expected = {k: s for k, (_, s) in _expected(name, classes).items()}
+        expected = {k: s for k, (_, s) in layout(create_model(name, classes)).items()}
         same = sum(shapes.get(k) == s for k, s in expected.items())
         score = same / max(len(expected), len(shapes))
         if score > best_score:
@@ -141,7 +140,7 @@ def guess_model(state_dict: Mapping[str, Any]) -> str | None:
     return best if best_score > 0.5 else None
 
 
-def _check(state_dict: Mapping[str, Any], expected: Mapping[str, tuple], model_name: str) -> None:
+def _check(state_dict: Mapping[str, Any], expected: Mapping[str, tuple], model: nn.Module) -> None:
     keys = {k for k in state_dict if not k.endswith(_BN_COUNTER)}
     missing = sorted(set(expected) - keys)
     unexpected = sorted(keys - set(expected))
@@ -160,56 +159,46 @@ def _check(state_dict: Mapping[str, Any], expected: Mapping[str, tuple], model_n
     if misshaped:
         problems.append(f"mis-shaped {_listing(misshaped)}")
     guess = guess_model(state_dict)
-    looks = f" The checkpoint looks like {guess}." if guess and guess != get_spec(model_name).name else ""
+    looks = f" The checkpoint looks like {guess}." if guess and guess != identify(model)[0] else ""
     if guess is None:
         looks = " It does not look like any registered Res2Net variant."
-    raise CheckpointMismatchError(f"checkpoint does not fit {model_name}: {'; '.join(problems)}.{looks}")
+    raise CheckpointMismatchError(f"checkpoint does not fit {describe(model)}: {'; '.join(problems)}.{looks}")
 
 
-def from_torch(
-    state_dict: Mapping[str, Any],
-    model_name: str,
-    num_classes: int | None = None,
-    reset_head: bool = False,
-    rng: jax.Array | None = None,
-    overrides: Overrides = None,
+def torch_to_flax(
+    model: nn.Module, state_dict: Mapping[str, Any], *, reset_head: bool = False, rng: jax.Array | None = None
 ) -> Variables:
-    """Flax variables {'params', 'batch_stats'} (float32) from a timm / official PyTorch state dict.
+    """Flax variables {'params', 'batch_stats'} (float32) of `model` from a timm / official PyTorch state dict.
 
-    `overrides` are the architecture overrides the model was created with (see `create_model`).
-    `num_classes` defaults to the checkpoint's head (0, pooled features, for a checkpoint without
-    one). A checkpoint whose head has another class count is an error unless `reset_head` is set:
-    then its head is dropped and a freshly initialised one (from `rng`) takes its place, as for
-    fine-tuning ImageNet weights on a new dataset. A model without a classifier (`num_classes=0`,
-    `features_only`) takes a classifier's checkpoint without its head, and a `features_only` model
-    whose `out_indices` stop early without the stages it does not run, as timm's do. An RGB
-    checkpoint loads into a model of another `in_chans` through `adapt_input_conv`.
+    A checkpoint whose head has another class count than `model.num_classes` is an error unless
+    `reset_head` is set: then its head is dropped and a freshly initialised one (from `rng`) takes its
+    place, as for fine-tuning ImageNet weights on a new dataset. A model without a classifier
+    (`num_classes=0`, `features_only`) takes a classifier's checkpoint without its head, and a
+    `features_only` model whose `out_indices` stop early without the stages it does not run, as timm's
+    do. An RGB checkpoint loads into a model of another `in_chans` through `adapt_input_conv`.
     """
     state_dict = {k: to_numpy(v) for k, v in state_dict.items()}
-    file_classes = _head_classes(state_dict)
-    if num_classes is None:
-        num_classes = file_classes if file_classes is not None else 0
-    expected = _expected(model_name, num_classes, overrides)
-    first = first_conv_key(model_name)
-    in_chans = expected[first][1][1]
-    if first in state_dict and state_dict[first].shape[1] != in_chans:
-        state_dict[first] = adapt_input_conv(state_dict[first], in_chans)
-    if (overrides or {}).get("features_only"):
+    expected = layout(model)
+    first = first_conv_key(model)
+    if first in state_dict and state_dict[first].shape[1] != model.in_chans:
+        state_dict[first] = adapt_input_conv(state_dict[first], model.in_chans)
+    if model.features_only:
         state_dict = {k: v for k, v in state_dict.items() if k in expected or k.endswith(_BN_COUNTER)}
     elif HEAD_KEYS[0] not in expected:
         state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
-    new_head = HEAD_KEYS[0] in expected and file_classes is not None and file_classes != num_classes
+    file_classes = head_classes(state_dict)
+    new_head = file_classes is not None and file_classes != model.num_classes
     if new_head and not reset_head:
         raise CheckpointMismatchError(
-            f"the checkpoint's head has {file_classes} classes but {num_classes} were asked for: "
-            f"pass reset_head=True (--reset_head) to replace it with a new {num_classes}-class head"
+            f"the checkpoint's head has {file_classes} classes but {model.num_classes} were asked for: "
+            f"pass reset_head=True (--reset_head) to replace it with a new {model.num_classes}-class head"
         )
     if new_head:
         state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
         expected_body = {k: v for k, v in expected.items() if k not in HEAD_KEYS}
-        _check(state_dict, expected_body, model_name)
+        _check(state_dict, expected_body, model)
     else:
-        _check(state_dict, expected, model_name)
+        _check(state_dict, expected, model)
 
     flat = {}
     for key, (path, _) in expected.items():
@@ -221,14 +210,29 @@ def from_torch(
         flat[path] = value
     variables = traverse_util.unflatten_dict(flat)
     if new_head:
-        variables["params"]["fc"] = _init_head(model_name, num_classes, rng, overrides)
+        variables["params"]["fc"] = _init_head(model, rng)
     return jax.tree.map(jnp.asarray, variables)
 
 
-def _init_head(model_name: str, num_classes: int, rng: jax.Array | None, overrides: Overrides) -> dict[str, jax.Array]:
-    """A new classifier, initialised exactly as the model initialises its own."""
+def from_torch(
+    state_dict: Mapping[str, Any],
+    model_name: str,
+    num_classes: int | None = None,
+    reset_head: bool = False,
+    rng: jax.Array | None = None,
+    overrides: Overrides = None,
+) -> Variables:
+    """`torch_to_flax` for the registered `model_name` built with `overrides` (see `create_model`);
+    `num_classes` defaults to the checkpoint's head (0, pooled features, for a checkpoint without one)."""
+    if num_classes is None:
+        num_classes = head_classes(state_dict) or 0
     model = create_model(model_name, num_classes=num_classes, **dict(overrides or {}))
-    in_features = _expected(model_name, num_classes, overrides)[HEAD_KEYS[0]][1][1]
+    return torch_to_flax(model, state_dict, reset_head=reset_head, rng=rng)
+
+
+def _init_head(model: nn.Module, rng: jax.Array | None) -> dict[str, jax.Array]:
+    """A new classifier, initialised exactly as the model initialises its own."""
+    in_features = layout(model)[HEAD_KEYS[0]][1][1]
     rng = jax.random.key(0) if rng is None else rng
     feature_map = jnp.zeros((1, 1, 1, in_features), jnp.float32)
     return model.init(rng, feature_map, method=model.forward_head)["params"]["fc"]
@@ -240,23 +244,15 @@ def num_classes_of(variables: Variables) -> int:
     return 0 if fc is None else int(fc["kernel"].shape[-1])
 
 
-def check_variables(variables: Variables, model_name: str, overrides: Overrides = None) -> None:
-    """Raises CheckpointMismatchError unless `variables` has exactly the variables of `model_name`."""
-    for collection in ("params", "batch_stats"):
-        if collection not in variables:
-            raise CheckpointMismatchError(f"variables have no {collection!r} collection")
-    expected = _expected(model_name, num_classes_of(variables), overrides)
-    found = {key: jax.ShapeDtypeStruct(shape, jnp.float32) for key, (_, shape) in torch_layout(variables).items()}
-    _check(found, expected, model_name)
-
-
-def to_torch(variables: Variables, model_name: str, overrides: Overrides = None) -> dict[str, np.ndarray]:
-    """A timm-named PyTorch state dict (numpy arrays) from Flax variables.
+def torch_names(variables: Variables) -> dict[str, np.ndarray]:
+    """Flax variables under timm's names and in PyTorch's layouts, unchecked (float32 numpy arrays).
 
     BN `num_batches_tracked` counters are written as 0: Flax does not track them, and PyTorch uses
     them only when BN momentum is None, which these models never set.
     """
-    check_variables(variables, model_name, overrides)
+    for collection in ("params", "batch_stats"):
+        if collection not in variables:
+            raise CheckpointMismatchError(f"variables have no {collection!r} collection")
     flat = traverse_util.flatten_dict(variables)
     state_dict = {}
     for key, (path, _) in torch_layout(variables).items():
@@ -267,6 +263,20 @@ def to_torch(variables: Variables, model_name: str, overrides: Overrides = None)
         if key.endswith(".running_var"):
             state_dict[key.replace("running_var", _BN_COUNTER)] = np.array(0, np.int64)
     return state_dict
+
+
+def flax_to_torch(model: nn.Module, variables: Variables) -> dict[str, np.ndarray]:
+    """A timm-named PyTorch state dict (numpy arrays) from `model`'s Flax variables, which must be
+    exactly the variables of `model`."""
+    state_dict = torch_names(variables)
+    _check(state_dict, layout(model), model)
+    return state_dict
+
+
+def to_torch(variables: Variables, model_name: str, overrides: Overrides = None) -> dict[str, np.ndarray]:
+    """`flax_to_torch` for the registered `model_name` built with `overrides` and the variables' head."""
+    model = create_model(model_name, num_classes=num_classes_of(variables), **dict(overrides or {}))
+    return flax_to_torch(model, variables)
 
 
 # --- MindCV names ------------------------------------------------------------------------------
@@ -330,33 +340,11 @@ def looks_mindcv(state_dict: Mapping[str, Any]) -> bool:
     return any(key.endswith((".moving_mean", ".gamma")) or key.startswith("classifier.") for key in state_dict)
 
 
-def check_mindcv_can_build(model_name: str, overrides: Overrides) -> None:
+def check_mindcv_can_build(model: nn.Module) -> None:
     """MindCV's Res2Net class has no DLA and no grouped 3x3 convs (Res2NeXt): refused before any writing."""
-    spec = get_spec(model_name)
-    cardinality = {**spec.kwargs, **dict(overrides or {})}.get("cardinality", 1)
-    if spec.family is not Res2Net or cardinality != 1:
+    if not isinstance(model, Res2Net) or model.cardinality != 1:
         raise InvalidInputError(
-            f"MindCV has no network like {model_name} (its Res2Net has no DLA and no grouped convs): "
+            f"MindCV has no network like {describe(model)} (its Res2Net has no DLA and no grouped convs): "
             "MindSpore export takes the Res2Net family with cardinality 1, e.g. res2net50, res2net101, "
             "res2net152, res2net50_v1b, res2net101_v1b, res2net152_v1b"
         )
-
-
-def fit_head(
-    variables: Variables, model_name: str, num_classes: int | None, reset_head: bool, rng: jax.Array | None,
-    overrides: Overrides,
-) -> Variables:  # fmt: skip
-    """Flax variables checked against `model_name`, with a new head if `num_classes` differs and
-    `reset_head` is set (as `from_torch` does for state dicts)."""
-    found = num_classes_of(variables)
-    if num_classes and num_classes != found:
-        if not reset_head:
-            raise CheckpointMismatchError(
-                f"the checkpoint's head has {found} classes but {num_classes} were asked for: "
-                f"pass reset_head=True (--reset_head) to replace it with a new {num_classes}-class head"
-            )
-        params = dict(variables["params"])
-        params["fc"] = _init_head(model_name, num_classes, rng, overrides)
-        variables = {**variables, "params": params}
-    check_variables(variables, model_name, overrides)
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables)

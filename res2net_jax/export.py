@@ -10,7 +10,7 @@
 
 --weights takes a training workdir (its latest checkpoint; WORKDIR/best for the best one; --ema for the
 EMA weights), which names its own model, so --model may be left out, or any file
-`res2net_jax.weight_files.load_variables` reads (a .pth/.bin/.safetensors PyTorch state dict, a MindSpore
+`res2net_jax.weight_files.load_checkpoint` reads (a .pth/.bin/.safetensors PyTorch state dict, a MindSpore
 .ckpt, or an Orbax directory) with --model. stablehlo, savedmodel and onnx write
 the inference function with BatchNorm folded into the convolutions (normalised NHWC float32 images of
 --image_size, any batch size -> logits; onnx: --nchw for NCHW images as timm's export takes them,
@@ -95,16 +95,16 @@ def main(argv: list[str]) -> None:
     name, overrides, variables, class_names, data_config = cli.load_weights(
         _WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _RESET_HEAD.value, _EMA.value
     )
+    model = create_model(name, num_classes=convert.num_classes_of(variables), **overrides)
     if _FORMAT.value == "torch":
-        weight_files.save_state_dict(convert.to_torch(variables, name, overrides), out)
+        weight_files.save_state_dict(convert.flax_to_torch(model, variables), out)
     elif _FORMAT.value == "mindspore":
         weight_files.to_mindspore(variables, name, out, overrides)
     elif _FORMAT.value == "pretrained":
         pretrained.save_pretrained(out, name, variables, class_names, overrides, data_config)
     elif _FORMAT.value in _DEPLOY:
-        model = create_model(name, num_classes=convert.num_classes_of(variables), **overrides)
         image_size = _IMAGE_SIZE.value or get_spec(name).input_size
-        if get_spec(name).family is DLA and image_size % 32:
+        if isinstance(model, DLA) and image_size % 32:
             raise InvalidInputError(f"--image_size={image_size} is not allowed for {name}: DLA takes multiples of 32")
         options = {"opset": _OPSET.value, "nchw": _NCHW.value} if _FORMAT.value == "onnx" else {}
         _DEPLOY[_FORMAT.value](model, variables, image_size, out, **options)

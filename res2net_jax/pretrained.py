@@ -270,10 +270,9 @@ def from_pretrained(
                                 "'architecture'")  # fmt: skip
     overrides = {**found.overrides, **model_kwargs}
     state_dict = weight_files.load_state_dict(found.weights)
-    reset = num_classes is not None and num_classes != 0
-    variables = convert.from_torch(state_dict, found.model, num_classes, reset_head=reset, overrides=overrides)
-    model = create_model(found.model, num_classes=convert.num_classes_of(variables), dtype=dtype, **overrides)
-    return model, variables
+    classes = (convert.head_classes(state_dict) or 0) if num_classes is None else num_classes
+    model = create_model(found.model, num_classes=classes, dtype=dtype, **overrides)
+    return model, convert.torch_to_flax(model, state_dict, reset_head=num_classes is not None)
 
 
 def save_pretrained(
@@ -295,8 +294,8 @@ def save_pretrained(
     num_classes = convert.num_classes_of(variables)
     if class_names is not None and len(class_names) != num_classes:
         raise InvalidInputError(f"{len(class_names)} class names for a {num_classes}-class head")
-    state_dict = convert.to_torch(jax.device_get(variables), spec.name, overrides=overrides)
     model = create_model(spec.name, num_classes=num_classes, **(overrides or {}))
+    state_dict = convert.flax_to_torch(model, jax.device_get(variables))
     config = {
         "architecture": spec.name,
         "num_classes": num_classes,
@@ -312,7 +311,7 @@ def save_pretrained(
             "mean": list(data.mean),
             "std": list(data.std),
             "num_classes": num_classes,
-            "first_conv": convert.first_conv_key(spec.name).removesuffix(".weight"),
+            "first_conv": convert.first_conv_key(model).removesuffix(".weight"),
             "classifier": "fc",
         },
     }

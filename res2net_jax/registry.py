@@ -124,6 +124,37 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[canonical]
 
 
+# Fields that do not change which variables a network has or where they live.
+_RUNTIME_FIELDS = frozenset(
+    {"parent", "name", "num_classes", "dtype", "axis_name", "remat", "drop_rate", "drop_path_rate", "fold_bn"}
+)
+
+
+def identify(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The registered name whose network `model` is, and the architecture fields it changes, for messages
+    about a model built by hand: ('res2net50d', {}), ('res2net50d', {'layers': (1, 1, 1, 1)})."""
+    found = []
+    for spec in _SPECS:
+        if spec.family is type(model):
+            registered = spec.family(**spec.kwargs)
+            values = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # lists, as flags give
+            changed = {k: v for k, v in values.items() if k not in _RUNTIME_FIELDS and v != getattr(registered, k)}
+            found.append((len(changed), spec.name, changed))
+    if not found:
+        return type(model).__name__, {}
+    _, name, changed = min(found, key=lambda item: item[0])
+    return name, changed
+
+
+def describe(model: nn.Module) -> str:
+    """`model` named for a message: 'res2net50d (res2net50_v1b in MindCV)', 'res2net50d (layers=(1, 1, 1, 1))'."""
+    name, changed = identify(model)
+    notes = [f"{alias} in MindCV" for alias, canonical in ALIASES.items() if canonical == name]
+    notes += [f"{field}={value}" for field, value in changed.items()]
+    return f"{name} ({', '.join(notes)})" if notes else name
+
+
 def create_model(
     name: str,
     num_classes: int = 1000,

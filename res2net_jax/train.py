@@ -297,17 +297,13 @@ def _local_weights(value: str) -> str:
     return pretrained.resolve(value).weights if pretrained.is_pretrained_id(value) else value
 
 
-def _initial_variables(
-    config: ml_collections.ConfigDict, model: nn.Module, num_classes: int, init_path: str | None
-) -> Any:
+def _initial_variables(config: ml_collections.ConfigDict, model: nn.Module, init_path: str | None) -> Any:
     """config.init_weights (`init_path` if already fetched; with a new head if reset_head), else a fresh
     initialisation."""
     init_rng, head_rng = jax.random.split(jax.random.key(config.seed))
     if config.init_weights:
         path = init_path or _local_weights(config.init_weights)
-        return weight_files.load_variables(
-            path, config.model, num_classes, config.reset_head, head_rng, config.model_overrides
-        )
+        return weight_files.load_checkpoint(model, path, reset_head=config.reset_head, rng=head_rng)
     image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     return jax.jit(model.init)(init_rng, image)
 
@@ -460,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         state = checkpoints.restore(_abstract_state(config, model, tx, replicated), meta)
         if state is None:
-            variables = _initial_variables(config, model, info.num_classes, init_path)
+            variables = _initial_variables(config, model, init_path)
             state = jax.device_put(steps.init_train_state(config, tx, variables), replicated)
         else:
             log.print(f"resumed from step {int(state.step)} in {workdir}")
@@ -580,9 +576,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str
     record: dict[str, Any] = {"weights": os.path.abspath(source), "dataset": config.dataset, "split": info.eval_split}
     kinds = {"": False, "ema_": True} if config.ema_decay > 0 and run_dir.locate(source) else {"": False}
     for prefix, ema in kinds.items():
-        variables = weight_files.load_variables(
-            source, config.model, info.num_classes, overrides=config.model_overrides, ema=ema
-        )
+        variables = weight_files.load_checkpoint(model, source, ema=ema)
         variables = jax.device_put(variables, NamedSharding(mesh, P()))
         metrics = evaluator(variables)
         if not math.isfinite(metrics["loss"]):

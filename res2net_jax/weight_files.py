@@ -14,6 +14,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -22,16 +23,19 @@ from res2net_jax.convert import (
     Overrides,
     Variables,
     check_mindcv_can_build,
-    fit_head,
+    flax_to_torch,
     from_torch,
     looks_mindcv,
     mindcv_to_timm,
+    num_classes_of,
     timm_to_mindcv,
     to_numpy,
-    to_torch,
+    torch_names,
+    torch_to_flax,
 )
 from res2net_jax.errors import InvalidInputError, MissingDependencyError, MissingFileError, UserError
 from res2net_jax.outputs import atomic_output
+from res2net_jax.registry import create_model
 
 
 def to_mindspore(variables: Variables, model_name: str, path: str | os.PathLike, overrides: Overrides = None) -> None:
@@ -39,8 +43,9 @@ def to_mindspore(variables: Variables, model_name: str, path: str | os.PathLike,
 
     An existing `path` is never overwritten.
     """
-    check_mindcv_can_build(model_name, overrides)
-    state_dict = timm_to_mindcv(to_torch(variables, model_name, overrides))
+    model = create_model(model_name, num_classes=num_classes_of(variables), **dict(overrides or {}))
+    check_mindcv_can_build(model)
+    state_dict = timm_to_mindcv(flax_to_torch(model, variables))
     with atomic_output(path) as staged:
         ms_checkpoint.write(state_dict, staged)
 
@@ -170,6 +175,34 @@ def _restore_orbax(directory: str) -> Variables:
     return {k: dict(v) for k, v in restored.items()}
 
 
+def _read(path: str | os.PathLike, ema: bool) -> dict[str, np.ndarray]:
+    """The timm-named state dict of a training run, an Orbax directory or a weights file (see `load_checkpoint`)."""
+    from res2net_jax import workdir
+
+    path = os.fspath(path)
+    if workdir.locate(path) is not None:
+        return torch_names(workdir.read_variables(path, ema))
+    if ema:
+        raise InvalidInputError(f"{path} is not a training workdir: only a run's checkpoints hold EMA weights")
+    if os.path.isdir(path):
+        return torch_names(_restore_orbax(path))
+    return load_state_dict(path)
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    reset_head: bool = False,
+    rng: jax.Array | None = None,
+    ema: bool = False,
+) -> Variables:
+    """Flax variables for `model` from a training run (WORKDIR, WORKDIR/best or one of their steps:
+    `res2net_jax.workdir.locate`; its EMA weights with `ema`), an Orbax directory of variables, or any
+    file `load_state_dict` reads. Checked strictly; `reset_head` behaves as in `convert.torch_to_flax`."""
+    return torch_to_flax(model, _read(path, ema), reset_head=reset_head, rng=rng)
+
+
 def load_variables(
     path: str | os.PathLike,
     model_name: str,
@@ -179,20 +212,6 @@ def load_variables(
     overrides: Overrides = None,
     ema: bool = False,
 ) -> Variables:
-    """Flax variables for `model_name` from a training run (WORKDIR, WORKDIR/best or one of their steps:
-    `res2net_jax.workdir.locate`; its EMA weights with `ema`), an Orbax directory of variables, or any
-    file `load_state_dict` reads.
-
-    Checked strictly either way; `num_classes` and `reset_head` behave as in `from_torch`.
-    """
-    from res2net_jax import workdir
-
-    path = os.fspath(path)
-    if workdir.locate(path) is not None:
-        variables = workdir.read_variables(path, ema)
-        return fit_head(variables, model_name, num_classes, reset_head, rng, overrides)
-    if ema:
-        raise InvalidInputError(f"{path} is not a training workdir: only a run's checkpoints hold EMA weights")
-    if os.path.isdir(path):
-        return fit_head(_restore_orbax(path), model_name, num_classes, reset_head, rng, overrides)
-    return from_torch(load_state_dict(path), model_name, num_classes, reset_head, rng, overrides)
+    """`load_checkpoint` for the registered `model_name` built with `overrides`; `num_classes` defaults
+    to the checkpoint's head, as in `convert.from_torch`."""
+    return from_torch(_read(path, ema), model_name, num_classes, reset_head, rng, overrides)

@@ -39,8 +39,15 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(state_dict: dict) -> N
 
 
 def test_error_says_which_variant_the_file_is(state_dict: dict) -> None:
-    with pytest.raises(CheckpointMismatchError, match=r"does not fit res2net50d: .*looks like res2net50_26w_4s"):
+    mismatch = r"does not fit res2net50d \(res2net50_v1b in MindCV\): .*looks like res2net50_26w_4s"
+    with pytest.raises(CheckpointMismatchError, match=mismatch):
         convert.from_torch(state_dict, "res2net50d")
+    # A model built by hand is named by the registered network it changes, and the fields it changes. The 12
+    # blocks it leaves out hold 25 tensors each: conv1, convs.0-2 and conv3 weights, 4 BNs of 4 tensors.
+    reduced = create_model("res2net50_26w_4s", layers=[1, 1, 1, 1])  # a list, as flags and JSON give it
+    mismatch = r"does not fit res2net50_26w_4s \(res2net50 in MindCV, layers=\(1, 1, 1, 1\)\): unexpected 300 \("
+    with pytest.raises(CheckpointMismatchError, match=mismatch):
+        convert.torch_to_flax(reduced, state_dict)
     v1b = state_dict_numpy(timm_model("res2net50d"))
     with pytest.raises(CheckpointMismatchError, match=r"looks like res2net50d"):
         convert.from_torch(v1b, "res2net50")
@@ -115,6 +122,13 @@ def test_orbax_directory_round_trip(tmp_path, state_dict: dict) -> None:
         np.testing.assert_array_equal(ours, theirs)
     with pytest.raises(CheckpointMismatchError, match="does not fit res2net101d"):
         weight_files.load_variables(directory, "res2net101d")
+    # A backbone built by hand takes the classifier's directory as timm's do: no head, no stage it does not run.
+    backbone = create_model(NAME, features_only=True, out_indices=(1, 2))
+    body = weight_files.load_checkpoint(backbone, directory)
+    assert sorted(body["params"]) == ["bn1", "conv1", *(f"layer{s}_{b}" for s, n in ((1, 3), (2, 4)) for b in range(n))]
+    np.testing.assert_array_equal(body["batch_stats"]["layer2_3"]["bn3"]["var"], state_dict["layer2.3.bn3.running_var"])
+    with pytest.raises(ValueError, match="only a run's checkpoints hold EMA weights"):
+        weight_files.load_checkpoint(backbone, directory, ema=True)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -149,7 +149,8 @@ def test_bad_files_are_clear_errors(exported: dict, tmp_path) -> None:
     garbage.write_bytes(b"\x0a" + os.urandom(4000))
     with pytest.raises(CorruptCheckpointError, match="garbage.ckpt is not a complete MindSpore checkpoint"):
         weight_files.load_variables(garbage, "res2net50")
-    with pytest.raises(CheckpointMismatchError, match=r"does not fit res2net50_v1b: .*looks like res2net50_26w_4s"):
+    mismatch = r"does not fit res2net50d \(res2net50_v1b in MindCV\): .*looks like res2net50_26w_4s"
+    with pytest.raises(CheckpointMismatchError, match=mismatch):
         weight_files.from_mindspore(path, "res2net50_v1b")
     with pytest.raises(CheckpointMismatchError, match="head has 1000 classes but 10.*reset_head=True"):
         weight_files.from_mindspore(path, "res2net50", num_classes=10)

@@ -121,7 +121,7 @@ def test_in_chans_equals_timm_and_adapts_rgb_weights_as_timm(name: str, in_chans
     assert rel_error(model.apply(variables, jnp.asarray(nhwc(x))), expected) <= 1e-5
     rgb, rgb_variables = timm_pair(name)
     adapted = convert.from_torch(state_dict_numpy(rgb), name, overrides={"in_chans": in_chans})
-    first = convert.first_conv_key(name)
+    first = convert.first_conv_key(model)
     with torch.no_grad():
         rgb.get_submodule(first.removesuffix(".weight")).weight.data = adapt_input_conv(
             in_chans, rgb.state_dict()[first]
