@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import SIX_STEPS as SIX
+from conftest import SIX_STEPS
 from launch import ROOT, assert_one_line_error, env, metrics, popen, run
 from PIL import Image
 
@@ -161,7 +161,7 @@ def test_damaged_checkpoints_are_skipped_and_the_run_ends_as_if_undamaged(
     workdir = str(tmp_path / "run")
     shutil.copytree(six_step_run, workdir)
     DAMAGE[damage](workdir)
-    done = run(workdir, noise_folder, *SIX, devices=1)
+    done = run(workdir, noise_folder, *SIX_STEPS, devices=1)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "warning: skipped checkpoint step 6" in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 3, done.stderr[-3000:]  # one line per skipped thing
@@ -184,7 +184,7 @@ def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
     for step in (2, 4):
         os.remove(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA"))
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    done = run(workdir, noise_folder, *SIX, devices=1)
+    done = run(workdir, noise_folder, *SIX_STEPS, devices=1)
     assert_one_line_error(done, "no checkpoint in")
     assert "step 6: it holds NaN or infinite values" in done.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing moved or started over
@@ -218,7 +218,7 @@ def test_a_live_workdir_is_refused_and_a_dead_holder_does_not_block(noise_folder
     first.send_signal(signal.SIGKILL)
     first.communicate()
     assert_one_line_error(second, f"is in use by host {os.uname().nodename} PID {first.pid}")
-    third = run(workdir, noise_folder, *SIX, devices=1)  # the killed holder's lock went with it
+    third = run(workdir, noise_folder, *SIX_STEPS, devices=1)  # the killed holder's lock went with it
     assert third.returncode == 0, third.stderr[-3000:]
 
 
@@ -226,7 +226,7 @@ def test_another_run_in_a_finished_workdir_is_refused(six_step_run: str, noise_f
     workdir = str(tmp_path / "run")
     shutil.copytree(six_step_run, workdir)
     before = {name: open(os.path.join(workdir, name), "rb").read() for name in ("metrics.jsonl", "config.json")}
-    done = run(workdir, noise_folder, *SIX, "--config.seed=1", "--config.model_overrides.base_width=6", devices=1)
+    done = run(workdir, noise_folder, *SIX_STEPS, "--config.seed=1", "--config.model_overrides.base_width=6", devices=1)
     assert_one_line_error(done, "holds another run (model_overrides: ")
     assert "seed: 0 there, 1 now" in done.stderr
     assert {name: open(os.path.join(workdir, name), "rb").read() for name in before} == before
@@ -324,7 +324,7 @@ def test_bad_config_is_refused_before_the_workdir_is_made(noise_folder: str, tmp
 def test_changing_the_optimizer_of_a_workdir_is_named(six_step_run: str, noise_folder: str, tmp_path) -> None:
     workdir = str(tmp_path / "run")
     shutil.copytree(six_step_run, workdir)
-    done = run(workdir, noise_folder, *SIX, "--config.optimizer=adamw", "--config.ema_decay=0.5", devices=1)
+    done = run(workdir, noise_folder, *SIX_STEPS, "--config.optimizer=adamw", "--config.ema_decay=0.5", devices=1)
     assert_one_line_error(done, "ema_decay: 0.9 there, 0.5 now; optimizer: 'nesterov' there, 'adamw' now")
 
 
