@@ -7,11 +7,18 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 from PIL import Image
+
+from res2net_jax import weight_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
+MODEL = "res2net50"  # what `command` trains: configs/quickstart.py's model, with one block per stage (the
+OVERRIDES = {"layers": (1, 1, 1, 1), "base_width": 4}  # config's) and 4-channel branches (`command`'s)
 
 
 def command(workdir: str, dataset: str, *overrides: str) -> list[str]:
@@ -24,6 +31,17 @@ def command(workdir: str, dataset: str, *overrides: str) -> list[str]:
         "--config.color_jitter=0.4", "--config.random_erasing=0.25", "--config.ema_decay=0.9",
         "--config.label_smoothing=0.1", *overrides,
     ]  # fmt: skip
+
+
+def config(workdir: str, dataset: str, *overrides: str) -> ml_collections.ConfigDict:
+    """The config that `command` gives main.py, built in this process by the same flag parsing, for the
+    checks that need no process of their own."""
+    settings = [arg for arg in command(workdir, dataset, *overrides) if arg.startswith("--config.")]
+    argv = ["main.py", f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}", *settings]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "the config file", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
 
 
 def env(devices: int) -> dict[str, str]:
@@ -44,10 +62,22 @@ def run(workdir: str, dataset: str, *overrides: str, devices: int = 8, mode: str
     )  # fmt: skip
 
 
+def train_run(workdir: str, dataset: str, *overrides: str, devices: int = 8) -> str:
+    """`workdir` after a finished run of `command` (its stderr's end if it failed)."""
+    done = run(workdir, dataset, *overrides, devices=devices)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
 def popen(workdir: str, dataset: str, *overrides: str, devices: int = 8) -> subprocess.Popen:
     """main.py in the background, stdout and stderr together, line by line."""
     return subprocess.Popen(command(workdir, dataset, *overrides), cwd=ROOT, env=env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def run_variables(path: str, ema: bool = False) -> dict:
+    """The variables of a run of `command`: WORKDIR, WORKDIR/best or a step of either (its EMA's with `ema`)."""
+    return weight_files.load_variables(path, MODEL, overrides=OVERRIDES, ema=ema)
 
 
 def metrics(workdir: str) -> list[dict]:

@@ -24,14 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import SIX_STEPS
-from launch import ROOT, assert_one_line_error, env, metrics, popen, run
+from launch import MODEL, OVERRIDES, ROOT, assert_one_line_error, env, metrics, popen, run, run_variables, train_run
 from PIL import Image
 
 from res2net_jax import config_check, convert, errors, inference, weight_files
 from res2net_jax import workdir as run_dir
-
-OVERRIDES = {"layers": (1, 1, 1, 1), "base_width": 4}
-
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
 
@@ -62,8 +59,7 @@ def test_following_the_divergence_advice_ends_in_a_run_that_trains(noise_folder:
     workdir = str(tmp_path)
     common = ("--config.lr_schedule=constant", "--config.warmup_epochs=0", "--config.checkpoint_every_steps=1",
               "--config.ema_decay=0", "--config.mixup_alpha=0", "--config.cutmix_alpha=0")  # fmt: skip
-    done = run(workdir, noise_folder, *common, "--config.num_train_steps=6", devices=1)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_run(workdir, noise_folder, *common, "--config.num_train_steps=6", devices=1)
     for rate, shown in (("1e6", "1e+06"), ("1e3", "1000")):
         done = run(workdir, noise_folder, *common, f"--config.learning_rate={rate}", "--config.num_train_steps=24",
                    devices=1)  # fmt: skip
@@ -97,10 +93,10 @@ def test_divergence_without_a_checkpoint_says_to_start_a_new_workdir(noise_folde
 
 
 def test_evaluating_non_finite_weights_fails(six_step_run: str, noise_folder: str, tmp_path) -> None:
-    variables = weight_files.load_variables(six_step_run, "res2net50", overrides=OVERRIDES)
+    variables = run_variables(six_step_run)
     variables["params"]["layer1_0"]["conv1"]["kernel"] = variables["params"]["layer1_0"]["conv1"]["kernel"] * np.inf
     weights = str(tmp_path / "inf.safetensors")
-    weight_files.save_state_dict(convert.to_torch(variables, "res2net50", OVERRIDES), weights)
+    weight_files.save_state_dict(convert.to_torch(variables, MODEL, OVERRIDES), weights)
     done = run(str(tmp_path / "eval"), noise_folder, f"--config.eval_weights={weights}", mode="eval", devices=1)
     assert_one_line_error(done, "the evaluation loss of")
     assert "top-1" not in done.stdout
@@ -168,8 +164,7 @@ def test_damaged_checkpoints_are_skipped_and_the_run_ends_as_if_undamaged(
     assert metrics(workdir) == metrics(six_step_run)
     assert done.stdout.strip().splitlines()[-1].startswith("final (step 6): top-1 ")
     assert sorted(os.listdir(os.path.join(workdir, "damaged")))  # moved aside, not deleted
-    ours = weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)["params"]
-    theirs = weight_files.load_variables(six_step_run, "res2net50", overrides=OVERRIDES)["params"]
+    ours, theirs = run_variables(workdir)["params"], run_variables(six_step_run)["params"]
     np.testing.assert_array_equal(ours["fc"]["bias"], theirs["fc"]["bias"])
 
 
@@ -179,7 +174,7 @@ def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
     workdir = str(tmp_path / "run")
     shutil.copytree(six_step_run, workdir)
     _write_nan_checkpoint(workdir, 6)
-    variables = weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)  # step 4's
+    variables = run_variables(workdir)  # step 4's
     assert bool(run_dir.all_finite(variables))
     for step in (2, 4):
         os.remove(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA"))
@@ -189,7 +184,7 @@ def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
     assert "step 6: it holds NaN or infinite values" in done.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing moved or started over
     with pytest.raises(errors.InvalidInputError, match="has no checkpoint that can be restored"):
-        weight_files.load_variables(workdir, "res2net50", overrides=OVERRIDES)
+        run_variables(workdir)
 
 
 def test_a_run_stopped_before_its_first_evaluation_has_no_best_checkpoint_yet(six_step_run: str, tmp_path) -> None:
@@ -396,11 +391,11 @@ def test_untrusted_class_names_cannot_act_on_the_terminal(tmp_path) -> None:
     result row) and a carriage return are written as escapes, in every format."""
     from res2net_jax import create_model, save_pretrained
 
-    model = create_model("res2net50", num_classes=3, **OVERRIDES)
+    model = create_model(MODEL, num_classes=3, **OVERRIDES)
     variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     evil = ["\x1b]0;owned\x07cat", "dog\n  99.99%     0  forged", "bird\r"]
     directory = tmp_path / "evil"
-    save_pretrained(directory, "res2net50", variables, class_names=evil, overrides=OVERRIDES)
+    save_pretrained(directory, MODEL, variables, class_names=evil, overrides=OVERRIDES)
     image = tmp_path / "a.png"
     Image.fromarray((np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8)).save(image)
     outputs = {}

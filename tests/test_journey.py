@@ -16,14 +16,14 @@ import pytest
 import timm
 import torch
 from conftest import SIX_STEPS, rel_error
-from launch import ROOT, env, run
+from launch import MODEL, OVERRIDES, ROOT, env, run, run_variables
 from PIL import Image
 
-from res2net_jax import create_model, deploy, from_pretrained, inference, onnx_export, weight_files
+from res2net_jax import create_model, deploy, from_pretrained, get_spec, inference, onnx_export, weight_files
 from res2net_jax import workdir as run_dir
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
-MODEL, OVERRIDES, SIZE = "res2net50_26w_4s", {"layers": (1, 1, 1, 1), "base_width": 4}, 32
+SIZE = 32
 TOLERANCE = 1e-4
 
 
@@ -51,23 +51,23 @@ def _module(*args: str) -> subprocess.CompletedProcess:
 
 def test_the_run_names_its_model_classes_and_settings(trained: str) -> None:
     info = run_dir.describe(run_dir.locate(os.path.join(trained, "best")))
-    assert (info.model, info.model_overrides, info.num_classes) == (MODEL, OVERRIDES, 4)
+    assert (info.model, info.model_overrides, info.num_classes) == (get_spec(MODEL).name, OVERRIDES, 4)
     assert info.class_names == ["class0", "class1", "class2", "class3"]
     with open(os.path.join(trained, "config.json")) as f:
         assert json.load(f)["num_train_steps"] == 6
     best_step = os.listdir(os.path.join(trained, "best"))[0]
     paths = [trained, f"{trained}/best", f"{trained}/best/{best_step}", f"{trained}/best/{best_step}/state"]
-    loaded = [weight_files.load_variables(p, MODEL, overrides=OVERRIDES) for p in paths]
+    loaded = [run_variables(p) for p in paths]
     for variables in loaded[2:]:  # the best step, named three ways
         np.testing.assert_array_equal(variables["params"]["fc"]["bias"], loaded[1]["params"]["fc"]["bias"])
-    ema = weight_files.load_variables(trained, MODEL, overrides=OVERRIDES, ema=True)
+    ema = run_variables(trained, ema=True)
     assert not np.array_equal(ema["params"]["fc"]["bias"], loaded[0]["params"]["fc"]["bias"])
 
 
 @pytest.mark.parametrize("where", ["", "best"])
 def test_every_export_of_the_run_gives_its_logits(where: str, trained: str, tmp_path) -> None:
     source = os.path.join(trained, where) if where else trained
-    expected = _logits(weight_files.load_variables(source, MODEL, overrides=OVERRIDES))
+    expected = _logits(run_variables(source))
     outputs = {"torch": "w.safetensors", "orbax": "flax", "mindspore": "w.ckpt", "stablehlo": "f.jaxexport",
                "savedmodel": "saved", "onnx": "f.onnx", "pretrained": "hf"}  # fmt: skip
     for fmt, name in outputs.items():
@@ -108,7 +108,7 @@ def test_predict_and_eval_read_the_run(trained: str, noise_folder: str, tmp_path
     Image.fromarray((np.random.RandomState(0).rand(36, 36, 3) * 255).astype(np.uint8)).save(image)
     done = _module("res2net_jax.predict", f"--weights={trained}/best", "--ema", image)
     assert done.returncode == 0, done.stderr[-3000:]
-    variables = weight_files.load_variables(f"{trained}/best", MODEL, overrides=OVERRIDES, ema=True)
+    variables = run_variables(f"{trained}/best", ema=True)
     model = create_model(MODEL, num_classes=4, **OVERRIDES)
     crop = inference.center_crop(inference.load_image(image), SIZE, 1.0)  # the host crop predict makes
     result = inference.make_predict_fn(model, variables, 4, SIZE, 1.0)(crop[None])

@@ -12,16 +12,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import hub_cache
-from launch import ROOT, assert_one_line_error, command, env, metrics, popen, run
+from launch import (
+    MODEL,
+    OVERRIDES,
+    ROOT,
+    assert_one_line_error,
+    command,
+    config,
+    env,
+    metrics,
+    popen,
+    run,
+    run_variables,
+    train_run,
+)
 
-from res2net_jax import convert, save_pretrained, weight_files
+from res2net_jax import convert, save_pretrained, train, weight_files
+from res2net_jax.errors import UserError
 
 SHORT = "--config.num_train_steps=3"
 
 
 def _params(workdir: str) -> dict:
-    overrides = {"layers": (1, 1, 1, 1), "base_width": 4}
-    return weight_files.load_variables(workdir, "res2net50", overrides=overrides)["params"]
+    return run_variables(workdir)["params"]
 
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
@@ -29,10 +42,7 @@ pytestmark = pytest.mark.usefixtures("xla_cache")
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory: pytest.TempPathFactory, noise_folder: str) -> str:
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    done = run(workdir, noise_folder)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return workdir
+    return train_run(str(tmp_path_factory.mktemp("reference")), noise_folder)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +53,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory, noise_folder: str) -> st
     the on-device augmentation's colour jitter, at 1e-6) and early training amplifies it by about 10x
     per step: after 3 steps weights differ by up to 9e-5 (measured), after 12 steps at 1e-2.
     """
-    workdir = str(tmp_path_factory.mktemp("short"))
-    done = run(workdir, noise_folder, SHORT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return workdir
+    return train_run(str(tmp_path_factory.mktemp("short")), noise_folder, SHORT)
 
 
 def _assert_same_training(workdir: str, reference: str) -> None:
@@ -58,9 +65,7 @@ def _assert_same_training(workdir: str, reference: str) -> None:
 
 
 def test_eight_devices_train_like_one(short_run: str, noise_folder: str, tmp_path) -> None:
-    done = run(str(tmp_path), noise_folder, SHORT, devices=1)
-    assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same_training(str(tmp_path), short_run)
+    _assert_same_training(train_run(str(tmp_path), noise_folder, SHORT, devices=1), short_run)
 
 
 def _leaves(tree: dict) -> list[np.ndarray]:
@@ -139,24 +144,30 @@ def test_sigterm_and_ctrl_c_save_and_exit_cleanly(stop: signal.Signals, noise_fo
 def test_bad_inputs_are_clear_errors(
     noise_folder: str, reference_run: str, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each refusal names the problem before the workdir is made, checked in this process; main.py's own
+    contract (one line, no traceback) on an unknown field, a batch that does not split over 8 devices and
+    weights not in an empty offline hub cache (huggingface_hub reads its settings when first imported)."""
     new = str(tmp_path / "new")
+    refusals = [
+        (noise_folder, ["--config.model=res2net5O"], "unknown model 'res2net5O'"),
+        (noise_folder, ["--config.backend=tpu"], "no TPU.*available: cpu"),
+        ("folder:/no/such/folder", [], "image folder /no/such/folder does not exist"),
+    ]
+    for dataset, overrides, message in refusals:
+        with pytest.raises(UserError, match=message):
+            train.train_and_evaluate(config(new, dataset, *overrides), new)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache, and no network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     done = run(new, noise_folder, "--config.init_weights=hf-hub:org/not-cached", devices=1)
     assert_one_line_error(done, "org/not-cached/model.safetensors is not in the Hugging Face cache")
     done = run(new, noise_folder, "--config.learning_rte=0.1")
     assert_one_line_error(done, """unknown config field 'learning_rte' Did you mean "learning_rate" instead""")
-    assert_one_line_error(run(new, noise_folder, "--config.model=res2net5O"), "unknown model 'res2net5O'")
     done = run(new, noise_folder, "--config.batch_size=12")
     assert_one_line_error(done, "batch_size=12 does not split evenly over 8 devices")
-    done = run(new, noise_folder, "--config.backend=tpu")
-    assert_one_line_error(done, "no TPU")
-    assert "available: cpu" in done.stderr
-    assert_one_line_error(run(new, "folder:/no/such/folder"), "image folder /no/such/folder does not exist")
     assert not os.path.exists(new)  # refused before the workdir is made
     before = sorted(os.listdir(os.path.join(reference_run, "checkpoints")))
-    done = run(reference_run, noise_folder, "--config.model=res2net50d")
-    assert_one_line_error(done, "holds another run (model: 'res2net50' there, 'res2net50d' now")
+    with pytest.raises(UserError, match=re.escape("holds another run (model: 'res2net50' there, 'res2net50d' now")):
+        train.train_and_evaluate(config(reference_run, noise_folder, "--config.model=res2net50d"), reference_run)
     assert sorted(os.listdir(os.path.join(reference_run, "checkpoints"))) == before
 
 
@@ -168,10 +179,8 @@ def test_eval_mode_reproduces_the_final_metrics(reference_run: str, noise_folder
 
 
 def test_eval_mode_takes_a_mindspore_checkpoint(reference_run: str, noise_folder: str, tmp_path) -> None:
-    overrides = {"layers": (1, 1, 1, 1), "base_width": 4}
     weights = str(tmp_path / "exported.ckpt")
-    weight_files.to_mindspore(weight_files.load_variables(reference_run, "res2net50", overrides=overrides), "res2net50",
-                         weights, overrides)  # fmt: skip
+    weight_files.to_mindspore(run_variables(reference_run), MODEL, weights, OVERRIDES)
     done = run(str(tmp_path / "eval"), noise_folder, f"--config.eval_weights={weights}", mode="eval")
     assert done.returncode == 0, done.stderr[-3000:]
     final = metrics(reference_run)[-1]
@@ -226,11 +235,10 @@ def test_two_processes_on_loopback_form_one_run(started_by: str, short_run: str,
 
 def test_fine_tuning_starts_from_given_weights_with_a_new_head(reference_run: str, noise_folder: str, tmp_path) -> None:
     """init_weights + reset_head: a 10-class checkpoint fine-tuned on the 4-class folder."""
-    overrides = {"layers": (1, 1, 1, 1), "base_width": 4}
-    ten_classes = weight_files.load_variables(reference_run, "res2net50", overrides=overrides)
+    ten_classes = run_variables(reference_run)
     ten_classes["params"]["fc"] = {"kernel": np.ones((2048, 10), np.float32), "bias": np.zeros(10, np.float32)}
     weights = str(tmp_path / "pretrained.safetensors")
-    weight_files.save_state_dict(convert.to_torch(ten_classes, "res2net50", overrides), weights)
+    weight_files.save_state_dict(convert.to_torch(ten_classes, MODEL, OVERRIDES), weights)
     workdir = str(tmp_path / "run")
     done = run(workdir, noise_folder, f"--config.init_weights={weights}", "--config.num_train_steps=1", devices=1)
     assert done.returncode != 0 and "reset_head=True" in done.stderr  # 10 vs 4 classes is refused...
@@ -244,7 +252,7 @@ def test_fine_tuning_starts_from_given_weights_with_a_new_head(reference_run: st
         tuned["layer1_0"]["conv1"]["kernel"], ten_classes["params"]["layer1_0"]["conv1"]["kernel"]
     )
     # The same weights as a hub repo, read offline from huggingface_hub's cache: init_weights=hf-hub:...
-    save_pretrained(tmp_path / "saved", "res2net50", ten_classes, overrides=overrides)
+    save_pretrained(tmp_path / "saved", MODEL, ten_classes, overrides=OVERRIDES)
     files = {name: (tmp_path / "saved" / name).read_bytes() for name in ("model.safetensors", "config.json")}
     hub_cache(str(tmp_path / "hf"), "someone/digits10", files)
     hub = dict(env(1), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
