@@ -124,7 +124,7 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[canonical]
 
 
-# Fields that do not change which variables a network has or where they live.
+# Fields that `identify` leaves out: the head's size, the compute settings and the regularisation.
 _RUNTIME_FIELDS = frozenset(
     {"parent", "name", "num_classes", "dtype", "axis_name", "remat", "drop_rate", "drop_path_rate", "fold_bn"}
 )
