@@ -17,7 +17,6 @@ files is `res2net_jax.weight_files`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import re
@@ -32,7 +31,7 @@ from flax import traverse_util
 
 from res2net_jax.errors import InvalidInputError
 from res2net_jax.models import DLA, Res2Net
-from res2net_jax.registry import MODELS, create_model, describe, identify
+from res2net_jax.registry import MODELS, create_model, describe, frozen, identify
 
 Variables = dict[str, Any]
 HEAD_KEYS = ("fc.weight", "fc.bias")
@@ -75,9 +74,8 @@ Overrides = Mapping[str, Any] | None
 
 def layout(model: nn.Module) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """PyTorch key -> (Flax path, PyTorch shape) for every variable of `model`, computed once per architecture
-    (models compare by value; a list field such as `layers=[1, 1, 1, 1]` compares as its tuple)."""
-    lists = {f.name: tuple(v) for f in dataclasses.fields(model) if isinstance(v := getattr(model, f.name), list)}
-    return _layout(model.clone(**lists) if lists else model)
+    (models compare by value, list fields as their tuples: `registry.frozen`)."""
+    return _layout(frozen(model))
 
 
 @functools.lru_cache(maxsize=64)
@@ -115,10 +113,13 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def head_classes(state_dict: Mapping[str, Any]) -> int | None:
-    """The class count of a state dict's classifier (None without one)."""
+def num_classes_for(state_dict: Mapping[str, Any], num_classes: int | None = None) -> int:
+    """The class count of a model built for `state_dict`: `num_classes`, by default its classifier's (0,
+    pooled features, without one; `num_classes_of` for variables)."""
+    if num_classes is not None:
+        return num_classes
     weight = state_dict.get(HEAD_KEYS[0])
-    return None if weight is None else int(weight.shape[0])
+    return 0 if weight is None else int(weight.shape[0])
 
 
 def _listing(items: list[str], limit: int = 5) -> str:
@@ -129,7 +130,7 @@ def _listing(items: list[str], limit: int = 5) -> str:
 def guess_model(state_dict: Mapping[str, Any]) -> str | None:
     """The registered variant whose keys and shapes (head aside) a state dict matches best."""
     shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not k.endswith(_BN_COUNTER)}
-    classes = head_classes(state_dict) or 1000
+    classes = num_classes_for(state_dict) or 1000
     best, best_score = None, 0.0
     for name in MODELS:
         expected = {k: s for k, (_, s) in layout(create_model(name, classes)).items()}
@@ -186,8 +187,8 @@ def torch_to_flax(
         state_dict = {k: v for k, v in state_dict.items() if k in expected or k.endswith(_BN_COUNTER)}
     elif HEAD_KEYS[0] not in expected:
         state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
-    file_classes = head_classes(state_dict)
-    new_head = file_classes is not None and file_classes != model.num_classes
+    file_classes = num_classes_for(state_dict)
+    new_head = HEAD_KEYS[0] in state_dict and file_classes != model.num_classes
     if new_head and not reset_head:
         raise CheckpointMismatchError(
             f"the checkpoint's head has {file_classes} classes but {model.num_classes} were asked for: "
@@ -224,9 +225,7 @@ def from_torch(
 ) -> Variables:
     """`torch_to_flax` for the registered `model_name` built with `overrides` (see `create_model`);
     `num_classes` defaults to the checkpoint's head (0, pooled features, for a checkpoint without one)."""
-    if num_classes is None:
-        num_classes = head_classes(state_dict) or 0
-    model = create_model(model_name, num_classes=num_classes, **dict(overrides or {}))
+    model = create_model(model_name, num_classes=num_classes_for(state_dict, num_classes), **dict(overrides or {}))
     return torch_to_flax(model, state_dict, reset_head=reset_head, rng=rng)
 
 

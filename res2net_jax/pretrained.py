@@ -270,8 +270,9 @@ def from_pretrained(
                                 "'architecture'")  # fmt: skip
     overrides = {**found.overrides, **model_kwargs}
     state_dict = weight_files.load_state_dict(found.weights)
-    classes = (convert.head_classes(state_dict) or 0) if num_classes is None else num_classes
-    model = create_model(found.model, num_classes=classes, dtype=dtype, **overrides)
+    model = create_model(
+        found.model, num_classes=convert.num_classes_for(state_dict, num_classes), dtype=dtype, **overrides
+    )
     return model, convert.torch_to_flax(model, state_dict, reset_head=num_classes is not None)
 
 

@@ -130,16 +130,25 @@ _RUNTIME_FIELDS = frozenset(
 )
 
 
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` with its list fields (as flags and JSON give `layers`) as tuples: hashable, and equal to the
+    same network built with tuples."""
+    lists = {f.name: tuple(v) for f in dataclasses.fields(model) if isinstance(v := getattr(model, f.name), list)}
+    return model.clone(**lists) if lists else model
+
+
 def identify(model: nn.Module) -> tuple[str, dict[str, Any]]:
     """The registered name whose network `model` is, and the architecture fields it changes, for messages
     about a model built by hand: ('res2net50d', {}), ('res2net50d', {'layers': (1, 1, 1, 1)})."""
-    found = []
+    model, found = frozen(model), []
     for spec in _SPECS:
         if spec.family is type(model):
             registered = spec.family(**spec.kwargs)
-            values = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
-            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # lists, as flags give
-            changed = {k: v for k, v in values.items() if k not in _RUNTIME_FIELDS and v != getattr(registered, k)}
+            changed = {
+                f.name: getattr(model, f.name)
+                for f in dataclasses.fields(model)
+                if f.name not in _RUNTIME_FIELDS and getattr(model, f.name) != getattr(registered, f.name)
+            }
             found.append((len(changed), spec.name, changed))
     if not found:
         return type(model).__name__, {}
