@@ -23,6 +23,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from res2net_jax import augment
+from res2net_jax.compiler import compiler_options
 from res2net_jax.errors import InvalidInputError
 from res2net_jax.layers import BatchNorm
 from res2net_jax.registry import create_model
@@ -318,7 +319,7 @@ def make_train_step(
 
     augmentation = augment.Augmentation.from_config(config)
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options())
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         targets = smoothed_one_hot(batch["label"], num_classes, config.label_smoothing)
@@ -332,7 +333,7 @@ def make_train_step(
 def make_eval_step(model: nn.Module) -> Callable[[Any, dict], dict]:
     """A jitted function from variables and a masked global batch of uint8 images to metric sums."""
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def eval_step(variables: Any, batch: dict) -> dict:
         logits = model.apply(variables, augment.normalize(batch["image"]).astype(model.dtype), train=False)
         labels, mask = batch["label"], batch["mask"]
