@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import copy
 import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the reference runs on the CPU
 
@@ -186,6 +189,43 @@ def bn_stats_by_torch_key(params: dict, batch_stats: dict) -> dict[str, np.ndarr
     layout = convert.torch_layout({"params": params, "batch_stats": batch_stats})
     flat = {("batch_stats", *path): leaf for path, leaf in flatten_dict(batch_stats).items()}
     return {key: np.asarray(flat[path]) for key, (path, _) in layout.items() if path in flat}
+
+
+def timm_train_pass_64(reference: torch.nn.Module, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """timm's train-mode pass in float64 on a copy of `reference` (left as it is): its logits and every BN
+    running statistic after the pass, by key."""
+    model = copy.deepcopy(reference).double().train()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x).double()).numpy()
+    return logits, {k: v.numpy() for k, v in model.state_dict().items() if "running" in k}
+
+
+def train_pass_64(
+    model: Any, variables: dict, x: np.ndarray, interceptor: Any = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The same pass of `model` (built with dtype float64) on timm's NCHW images `x`, jitted, in float64 and
+    under a Flax method `interceptor` if given: its logits and every BN running statistic, by timm's key."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    def train_pass(variables: dict, images: jax.Array) -> tuple:
+        with contextlib.nullcontext() if interceptor is None else nn.intercept_methods(interceptor):
+            return model.apply(variables, images, train=True, mutable=["batch_stats"])
+
+    with jax.enable_x64(True):
+        variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        logits, updates = jax.jit(train_pass)(variables, jnp.asarray(nhwc(x), jnp.float64))
+        return np.asarray(logits), bn_stats_by_torch_key(variables["params"], updates["batch_stats"])
+
+
+def assert_train_passes_equal(ours: tuple, timms: tuple, tolerance: float = 1e-9) -> None:
+    """`train_pass_64` against `timm_train_pass_64`: logits and every running statistic within `tolerance`."""
+    (logits, stats), (expected, expected_stats) = ours, timms
+    assert rel_error(logits, expected) <= tolerance
+    assert set(stats) == set(expected_stats)
+    for key, value in expected_stats.items():
+        assert rel_error(stats[key], value) <= tolerance, key
 
 
 def rel_error(actual: np.ndarray, reference: np.ndarray) -> float:

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    bn_stats_by_torch_key,
+    assert_train_passes_equal,
     images_nchw,
     nhwc,
     rel_error,
     state_dict_numpy,
     timm_model,
     timm_pair,
+    timm_train_pass_64,
     timm_variables,
+    train_pass_64,
 )
 
 from res2net_jax import compiler_options, convert, create_model
@@ -62,31 +64,20 @@ def test_train_mode_logits_and_bn_update_match_timm(name: str) -> None:
     reference, variables = timm_pair(name)
     state_dict = state_dict_numpy(reference)
     x = images_nchw(2, *SMALL_SIZE.get(name, ODD_SIZE))
-    reference_64 = copy.deepcopy(reference).double().train()
-    reference.train()
+    expected_64 = timm_train_pass_64(reference, x)
     with torch.no_grad():
-        expected_32 = reference(torch.from_numpy(x)).numpy()
-        expected_64 = reference_64(torch.from_numpy(x).double()).numpy()
-    expected_stats = {k: v.detach().numpy() for k, v in reference_64.state_dict().items() if "running" in k}
-    with jax.enable_x64(True):
-        model_64 = create_model(name, dtype=jnp.float64)
-        logits_64, updates_64 = jax.jit(lambda v, x: model_64.apply(v, x, train=True, mutable=["batch_stats"]))(
-            variables, nhwc(x).astype(jnp.float64)
-        )
-        stats_64 = bn_stats_by_torch_key(variables["params"], updates_64["batch_stats"])
-    assert rel_error(logits_64, expected_64) <= F64_TOLERANCE
-    assert set(stats_64) == set(expected_stats)
-    for key, value in expected_stats.items():
-        assert rel_error(stats_64[key], value) <= F64_TOLERANCE, key
-    moved = [k for k in expected_stats if not np.array_equal(stats_64[k], state_dict[k])]
-    assert len(moved) == len(expected_stats), "train mode must update every BN's running statistics"
+        expected_32 = reference.train()(torch.from_numpy(x)).numpy()
+    ours_64 = train_pass_64(create_model(name, dtype=jnp.float64), variables, x)
+    assert_train_passes_equal(ours_64, expected_64, F64_TOLERANCE)
+    moved = [k for k, v in ours_64[1].items() if not np.array_equal(v, state_dict[k])]
+    assert len(moved) == len(ours_64[1]), "train mode must update every BN's running statistics"
 
     with jax.default_matmul_precision("highest"):
         model_32 = create_model(name)
         logits_32, _ = jax.jit(lambda v, x: model_32.apply(v, x, train=True, mutable=["batch_stats"]))(
             variables, nhwc(x)
         )
-    assert rel_error(logits_32, expected_64) <= 2 * rel_error(expected_32, expected_64) + 1e-6
+    assert rel_error(logits_32, expected_64[0]) <= 2 * rel_error(expected_32, expected_64[0]) + 1e-6
 
 
 def assert_state_dicts_equal(actual: dict, expected: dict) -> None:
