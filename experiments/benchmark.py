@@ -112,7 +112,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from res2net_jax import augment, compiler_options, create_model, fold_batch_norm, steps
+    from res2net_jax import augment, create_model, fold_batch_norm, steps
 
     device = jax.devices()[0]
     dtype = jnp.bfloat16 if _bfloat16(device.platform in ("gpu", "tpu")) else jnp.float32
@@ -161,7 +161,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
         # The inference function as make_predict_fn and the exports run it: BatchNorm folded.
         unfolded = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
         infer_model, inference = fold_batch_norm(model, unfolded)
-        infer = jax.jit(lambda v, x: infer_model.apply(v, x, train=False), compiler_options=compiler_options())
+        infer = jax.jit(lambda v, x: infer_model.apply(v, x, train=False))
         images = {n: pool[:n] for n in {1, 32, batch}}
         infer_s = report.seconds_per_call(lambda: infer(inference, images[batch]), sync, repeats)
         b32_ms = _latency_ms(lambda: infer(inference, images[32]), sync, repeats)
@@ -180,12 +180,8 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
 
 def _matmul_peak() -> dict[str, Any]:
     """TFLOP/s of a chain of large square matrix products in the compute dtype: the card's usable peak."""
-    import functools
-
     import jax
     import jax.numpy as jnp
-
-    from res2net_jax import compiler_options
 
     device = jax.devices()[0]
     accelerator = device.platform in ("gpu", "tpu")
@@ -195,7 +191,7 @@ def _matmul_peak() -> dict[str, Any]:
     x = jax.random.normal(keys[0], (n, n), dtype)
     w = (jax.random.normal(keys[1], (n, n)) / n**0.5).astype(dtype)  # keeps the chain's scale
 
-    @functools.partial(jax.jit, compiler_options=compiler_options())
+    @jax.jit
     def products(x: jax.Array) -> jax.Array:
         return jax.lax.fori_loop(0, chain, lambda _, y: y @ w, x)
 

@@ -1,7 +1,6 @@
 """Deployed inference speed, side by side: this project's ONNX against timm's torch.onnx.export of the same
 weights on onnxruntime, and the jitted JAX inference function (BatchNorm folded, as make_predict_fn,
-predict and the exports run it) against the same unfolded and against timm eager; the jitted sides are
-compiled with the package's XLA options (`compiler_options`), and once more without them.
+predict and the exports run it) against the same unfolded and against timm eager.
 
     PYTHONPATH=. python experiments/deploy_speed.py --out=experiments/results/deploy_speed_cpu.json
     PYTHONPATH=. python experiments/deploy_speed.py --image_size=64 --repeats=2 --rounds=1 --out=/tmp/tiny.json
@@ -35,7 +34,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per batch size and s
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds over all sides, alternating their order.")
 _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: time one side in the directory given and print JSON.")
-SIDES = ("onnx", "timm_onnx", "jit_folded", "jit_unfolded", "jit_folded_xla_defaults", "timm_eager")
+SIDES = ("onnx", "timm_onnx", "jit_folded", "jit_unfolded", "timm_eager")
 BATCHES = (1, 8)
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "timm", "onnx", "onnxruntime")
 
@@ -78,14 +77,13 @@ def _runner(side: str, directory: str) -> Any:
         return run
     import jax
 
-    from res2net_jax import compiler_options, create_model, fold_batch_norm, weight_files
+    from res2net_jax import create_model, fold_batch_norm, weight_files
 
     model = create_model(_MODEL.value)
     variables = weight_files.load_variables(os.path.join(directory, "timm.safetensors"), _MODEL.value)
-    if side != "jit_unfolded":
+    if side == "jit_folded":
         model, variables = fold_batch_norm(model, variables)
-    options = {} if side == "jit_folded_xla_defaults" else compiler_options()
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     return lambda images: np.asarray(forward(variables, images.transpose(0, 2, 3, 1)))
 
 
@@ -156,7 +154,6 @@ def main(argv: list[str]) -> None:
         "onnx_vs_timm_onnx_b1": sides["timm_onnx"]["b1_ms"] / sides["onnx"]["b1_ms"],
         "onnx_vs_timm_onnx_b8": sides["onnx"]["b8_img_s"] / sides["timm_onnx"]["b8_img_s"],
         "jit_folded_vs_unfolded_b8": sides["jit_folded"]["b8_img_s"] / sides["jit_unfolded"]["b8_img_s"],
-        "compiler_options_gain_b8": sides["jit_folded"]["b8_img_s"] / sides["jit_folded_xla_defaults"]["b8_img_s"],
         "jit_folded_vs_timm_eager_b8": sides["jit_folded"]["b8_img_s"] / sides["timm_eager"]["b8_img_s"],
         "jit_folded_vs_timm_eager_b1": sides["timm_eager"]["b1_ms"] / sides["jit_folded"]["b1_ms"],
     }

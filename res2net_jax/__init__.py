@@ -1,7 +1,6 @@
 """Res2Net image classification in JAX/Flax, exact against timm's weights."""
 
 from res2net_jax import convert, weight_files
-from res2net_jax.compiler import compiler_options
 from res2net_jax.folding import fold_batch_norm
 from res2net_jax.inference import Prediction, make_predict_fn, preprocess
 from res2net_jax.models import DLA, Bottle2neck, Res2Net
@@ -15,7 +14,6 @@ __all__ = [
     "Prediction",
     "PublishedWeights",
     "Res2Net",
-    "compiler_options",
     "convert",
     "create_model",
     "fold_batch_norm",

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from res2net_jax.compiler import compiler_options
 from res2net_jax.errors import InvalidInputError
 from res2net_jax.folding import fold_batch_norm
 from res2net_jax.registry import IMAGENET_MEAN, IMAGENET_STD
@@ -105,7 +104,7 @@ def make_predict_fn(
     """
     model, variables = fold_batch_norm(model, variables)
 
-    @functools.partial(jax.jit, compiler_options=compiler_options())
+    @jax.jit
     def predict(variables: Any, images: jax.Array) -> Prediction:
         logits = model.apply(variables, preprocess(images, input_size, crop_pct, mean, std), train=False)
         # Rank by logits: probabilities that underflow to 0 would tie.

@@ -23,7 +23,6 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from res2net_jax import augment
-from res2net_jax.compiler import compiler_options
 from res2net_jax.errors import InvalidInputError
 from res2net_jax.layers import BatchNorm
 from res2net_jax.registry import create_model
@@ -319,7 +318,7 @@ def make_train_step(
 
     augmentation = augment.Augmentation.from_config(config)
 
-    @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options())
+    @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         targets = smoothed_one_hot(batch["label"], num_classes, config.label_smoothing)
@@ -333,7 +332,7 @@ def make_train_step(
 def make_eval_step(model: nn.Module) -> Callable[[Any, dict], dict]:
     """A jitted function from variables and a masked global batch of uint8 images to metric sums."""
 
-    @functools.partial(jax.jit, compiler_options=compiler_options())
+    @jax.jit
     def eval_step(variables: Any, batch: dict) -> dict:
         logits = model.apply(variables, augment.normalize(batch["image"]).astype(model.dtype), train=False)
         labels, mask = batch["label"], batch["mask"]
