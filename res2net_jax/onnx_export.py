@@ -1,13 +1,14 @@
 """ONNX export of the inference function, translated from its jaxpr.
 
 The eval-mode forward pass of every registered network, BatchNorm folded (`fold_batch_norm`), is a
-short list of JAX primitives: convolutions, bias adds, ReLU (max with 0), windowed max and sum, split
-and concatenate, a mean and one matrix product. The graph is written as a deployment engineer expects
-it: NCHW inside (JAX's NHWC maps are stored transposed, and every axis is mapped), a Conv with its bias
-for each convolution, Relu, MaxPool / AveragePool, Split / Concat, GlobalAveragePool and Gemm; values
-that do not depend on the images (weights, BN shifts, pooling counts) are computed here and written as
-initializers. The input is NHWC, transposed once, or NCHW as timm's export takes it (`nchw=True`); the
-batch dimension stays symbolic. A primitive outside the set is an error that names it.
+short list of JAX primitives: convolutions (the 1x1 ones as matrix products of the maps), bias adds,
+ReLU (max with 0), windowed max and sum, split and concatenate, a mean and one matrix product. The
+graph is written as a deployment engineer expects it: NCHW inside (JAX's NHWC maps are stored
+transposed, and every axis is mapped), a Conv with its bias for each convolution, Relu, MaxPool /
+AveragePool, Split / Concat, GlobalAveragePool and Gemm; values that do not depend on the images
+(weights, BN shifts, pooling counts) are computed here and written as initializers. The input is NHWC,
+transposed once, or NCHW as timm's export takes it (`nchw=True`); the batch dimension stays symbolic.
+A primitive outside the set is an error that names it.
 """
 
 from __future__ import annotations
@@ -247,6 +248,9 @@ def _translate(graph: _Graph, eqn: Any, values: list[_Value], uses: Counter) -> 
         lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
         if any(batch) or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or rhs.ndim != 2:
             raise NotImplementedError("ONNX export: only x @ W products (contracting x's last axis) are supported")
+        if lhs.ndim == 4 and values[1].const is not None:  # a 1x1 convolution (layers.pointwise_product)
+            kernel = graph.const(values[1].const.T[:, :, None, None])
+            return [_Value(graph.one("Conv", [graph.tensor(x, nchw=True), kernel]), nchw=True)]
         return [_Value(graph.one("MatMul", [graph.tensor(v, nchw=False) for v in values]))]
     raise NotImplementedError(f"ONNX export: no translation for the JAX primitive {name!r}")
 

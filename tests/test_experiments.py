@@ -304,7 +304,7 @@ def test_remat_memory_compiles_both_steps_and_remat_keeps_less(tmp_path) -> None
     """At a tiny size (two blocks in the first stage, whose activations remat recomputes instead of keeping),
     the compiled step with remat plans fewer temporaries than the plain one, for the same arguments."""
     out = tmp_path / "remat.json"
-    done = _script("remat_memory.py", "--models=res2net50", "--layers=2,1,1,1", "--image_size=64", "--batch=4",
+    done = _script("remat_memory.py", "--models=res2net50", "--layers=2,1,1,1", "--image_size=64", "--batch=8",
                    f"--out={out}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
