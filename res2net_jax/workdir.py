@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import gc
 import json
 import logging
@@ -202,6 +203,22 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+@functools.cache
+def _write_each_array_once() -> None:
+    """On CPU in one process, Orbax writes each replicated array from one replica. Its default there (and
+    on TPU) splits each write among the replicas, which on a CPU share one memory, so the split only adds
+    work: with 8 host devices, a 12-step run saving 7 times took 66 s instead of 41 s (NOTES.md)."""
+    if jax.default_backend() == "cpu" and jax.process_count() == 1:  # across processes, the writes stay shared
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        absl_logger = logging.getLogger("absl")  # where Orbax warns of the override, on stderr
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        finally:
+            absl_logger.setLevel(level)
+
+
 def _manager(directory: str, prefix: str, **options: Any) -> ocp.CheckpointManager:
     # Each manager gets its own barrier names: both save the same step at an evaluation, and across
     # processes two asynchronous saves under one name collide ("barrier ... is already ongoing").
@@ -224,6 +241,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, keep: int):
         self.workdir, self.disk_full = workdir, False
+        _write_each_array_once()
         # Orbax's threads log through absl; its failed write tasks, collected at exit, through asyncio
         for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
             if not any(isinstance(f, _HideDiskFull) for f in logger.filters):
