@@ -296,12 +296,15 @@ def hub_cache(root: str, repo_id: str, files: dict[str, bytes]) -> None:
 
 @pytest.fixture(scope="session")
 def six_step_run(tmp_path_factory: pytest.TempPathFactory, noise_folder: str, xla_cache: None) -> str:
-    """A finished run: main.py's six steps with an EMA on one device (`launch.command`: checkpoints at steps
-    2, 4 and 6, the evaluation at 6) on the noise folder. Shared by the tests of a worker: copy it before
-    changing it."""
-    from launch import train_run
+    """A finished run: main.py's six steps with an EMA on one device (`launch.command`, in this process:
+    checkpoints at steps 2, 4 and 6, the evaluation at 6) on the noise folder. Shared by the tests of a
+    worker: copy it before changing it."""
+    from launch import run_here
 
-    return train_run(str(tmp_path_factory.mktemp("six_steps")), noise_folder, *SIX_STEPS, devices=1)
+    workdir = str(tmp_path_factory.mktemp("six_steps"))
+    done = run_here(workdir, noise_folder, *SIX_STEPS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
 
 
 SIX_STEPS = ("--config.num_train_steps=6",)  # what `six_step_run` adds to launch.command

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
@@ -60,6 +63,50 @@ def run(workdir: str, dataset: str, *overrides: str, devices: int = 8, mode: str
         [*command(workdir, dataset, *overrides), f"--mode={mode}"], cwd=ROOT, env=env(devices),
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _compilation_cache() -> Iterator[None]:
+    """JAX's persistent compilation cache in JAX_COMPILATION_CACHE_DIR (the `xla_cache` fixture's, which
+    main.py's runs read), for this process's compilations in the block only."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        if path:
+            jax.config.update("jax_compilation_cache_dir", before[0])
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+            compilation_cache.reset_cache()
+
+
+def run_here(workdir: str, dataset: str, *overrides: str, mode: str = "train") -> subprocess.CompletedProcess:
+    """`run` on this process's one CPU device, for the checks where the process boundary is not what is
+    tested: main.py's output (a user's error as its one `error:` line, status 1) without its start-up,
+    about half of a 6-step run. The tests of main.py's own contract (flags, exit codes, what reaches the
+    terminal) start it with `run`."""
+    import jax
+
+    from res2net_jax import cli, errors, train
+
+    assert jax.device_count() == 1, "run_here trains on one device: use run(..., devices=N)"
+    settings = config(workdir, dataset, *overrides)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    returncode = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), _compilation_cache():
+        try:
+            (train.train_and_evaluate if mode == "train" else train.evaluate)(settings, os.path.abspath(workdir))
+        except errors.UserError as err:
+            print(f"error: {cli.one_line(err)}", file=sys.stderr)
+            returncode = 1
+    return subprocess.CompletedProcess(["main.py", f"--mode={mode}"], returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def train_run(workdir: str, dataset: str, *overrides: str, devices: int = 8) -> str:

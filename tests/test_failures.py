@@ -24,10 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import SIX_STEPS
-from launch import MODEL, OVERRIDES, ROOT, assert_one_line_error, env, metrics, popen, run, run_variables, train_run
+from launch import MODEL, OVERRIDES, ROOT, assert_one_line_error, env, metrics, popen, run_here, run_variables
 from PIL import Image
 
-from res2net_jax import config_check, convert, errors, inference, weight_files
+from configs import res2net50
+from res2net_jax import config_check, convert, errors, inference, train, weight_files
 from res2net_jax import workdir as run_dir
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
@@ -59,21 +60,19 @@ def test_following_the_divergence_advice_ends_in_a_run_that_trains(noise_folder:
     workdir = str(tmp_path)
     common = ("--config.lr_schedule=constant", "--config.warmup_epochs=0", "--config.checkpoint_every_steps=1",
               "--config.ema_decay=0", "--config.mixup_alpha=0", "--config.cutmix_alpha=0")  # fmt: skip
-    train_run(workdir, noise_folder, *common, "--config.num_train_steps=6", devices=1)
+    assert run_here(workdir, noise_folder, *common, "--config.num_train_steps=6").returncode == 0
     for rate, shown in (("1e6", "1e+06"), ("1e3", "1000")):
-        done = run(workdir, noise_folder, *common, f"--config.learning_rate={rate}", "--config.num_train_steps=24",
-                   devices=1)  # fmt: skip
+        done = run_here(workdir, noise_folder, *common, f"--config.learning_rate={rate}", "--config.num_train_steps=24")
         assert_one_line_error(done, "the loss exploded to ")
         assert f"at step 8; the newest checkpoint before it, step 6, is kept in {workdir}" in done.stderr
         assert f"Rerun with a learning_rate lower than {shown}: it resumes from step 6" in done.stderr
         assert "grad_clip_norm set (e.g. 1.0)" in done.stderr  # not set: the other way out
         assert _all_checkpoints_finite(workdir)[-1] == 6
-    done = run(workdir, noise_folder, *common, mode="eval", devices=1)  # the kept checkpoint, step 6
+    done = run_here(workdir, noise_folder, *common, mode="eval")  # the kept checkpoint, step 6
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(workdir, "eval.jsonl")) as f:
         kept = json.loads(f.readlines()[-1])
-    done = run(workdir, noise_folder, *common, "--config.learning_rate=0.01", "--config.num_train_steps=24",
-               devices=1)  # fmt: skip
+    done = run_here(workdir, noise_folder, *common, "--config.learning_rate=0.01", "--config.num_train_steps=24")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from step 6" in done.stdout
     losses = _logged_losses(done.stdout)
@@ -83,8 +82,8 @@ def test_following_the_divergence_advice_ends_in_a_run_that_trains(noise_folder:
 
 
 def test_divergence_without_a_checkpoint_says_to_start_a_new_workdir(noise_folder: str, tmp_path) -> None:
-    done = run(str(tmp_path), noise_folder, "--config.learning_rate=1e30", "--config.warmup_epochs=0",
-               "--config.checkpoint_every_steps=100", "--config.grad_clip_norm=1.0", devices=1)  # fmt: skip
+    done = run_here(str(tmp_path), noise_folder, "--config.learning_rate=1e30", "--config.warmup_epochs=0",
+                    "--config.checkpoint_every_steps=100", "--config.grad_clip_norm=1.0")  # fmt: skip
     assert_one_line_error(done, f"the loss became nan at step 2; no checkpoint from before step 1 was written, so "
                                 f"{tmp_path} holds nothing to resume: start a new --workdir with a learning_rate "
                                 "lower than 1e+30")  # fmt: skip
@@ -97,7 +96,7 @@ def test_evaluating_non_finite_weights_fails(six_step_run: str, noise_folder: st
     variables["params"]["layer1_0"]["conv1"]["kernel"] = variables["params"]["layer1_0"]["conv1"]["kernel"] * np.inf
     weights = str(tmp_path / "inf.safetensors")
     weight_files.save_state_dict(convert.to_torch(variables, MODEL, OVERRIDES), weights)
-    done = run(str(tmp_path / "eval"), noise_folder, f"--config.eval_weights={weights}", mode="eval", devices=1)
+    done = run_here(str(tmp_path / "eval"), noise_folder, f"--config.eval_weights={weights}", mode="eval")
     assert_one_line_error(done, "the evaluation loss of")
     assert "top-1" not in done.stdout
 
@@ -157,7 +156,7 @@ def test_damaged_checkpoints_are_skipped_and_the_run_ends_as_if_undamaged(
     workdir = str(tmp_path / "run")
     shutil.copytree(six_step_run, workdir)
     DAMAGE[damage](workdir)
-    done = run(workdir, noise_folder, *SIX_STEPS, devices=1)
+    done = run_here(workdir, noise_folder, *SIX_STEPS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "warning: skipped checkpoint step 6" in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 3, done.stderr[-3000:]  # one line per skipped thing
@@ -179,7 +178,7 @@ def test_reading_a_workdir_falls_back_and_an_all_damaged_one_is_one_line(
     for step in (2, 4):
         os.remove(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA"))
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    done = run(workdir, noise_folder, *SIX_STEPS, devices=1)
+    done = run_here(workdir, noise_folder, *SIX_STEPS)
     assert_one_line_error(done, "no checkpoint in")
     assert "step 6: it holds NaN or infinite values" in done.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing moved or started over
@@ -209,11 +208,11 @@ def test_a_live_workdir_is_refused_and_a_dead_holder_does_not_block(noise_folder
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(workdir, "config.json")) and time.time() < deadline:
         time.sleep(0.2)
-    second = run(workdir, noise_folder, devices=1, timeout=120)
+    second = run_here(workdir, noise_folder)
     first.send_signal(signal.SIGKILL)
     first.communicate()
     assert_one_line_error(second, f"is in use by host {os.uname().nodename} PID {first.pid}")
-    third = run(workdir, noise_folder, *SIX_STEPS, devices=1)  # the killed holder's lock went with it
+    third = run_here(workdir, noise_folder, *SIX_STEPS)  # the killed holder's lock went with it
     assert third.returncode == 0, third.stderr[-3000:]
 
 
@@ -221,7 +220,7 @@ def test_another_run_in_a_finished_workdir_is_refused(six_step_run: str, noise_f
     workdir = str(tmp_path / "run")
     shutil.copytree(six_step_run, workdir)
     before = {name: open(os.path.join(workdir, name), "rb").read() for name in ("metrics.jsonl", "config.json")}
-    done = run(workdir, noise_folder, *SIX_STEPS, "--config.seed=1", "--config.model_overrides.base_width=6", devices=1)
+    done = run_here(workdir, noise_folder, *SIX_STEPS, "--config.seed=1", "--config.model_overrides.base_width=6")
     assert_one_line_error(done, "holds another run (model_overrides: ")
     assert "seed: 0 there, 1 now" in done.stderr
     assert {name: open(os.path.join(workdir, name), "rb").read() for name in before} == before
@@ -304,12 +303,12 @@ def test_every_config_field_is_checked_and_the_shipped_configs_pass() -> None:
 
 def test_bad_config_is_refused_before_the_workdir_is_made(noise_folder: str, tmp_path) -> None:
     new = str(tmp_path / "new")
-    assert_one_line_error(run(new, noise_folder, "--config.batch_size=0", devices=1),
+    assert_one_line_error(run_here(new, noise_folder, "--config.batch_size=0"),
                           "config.batch_size=0 is not allowed: use a whole number >= 1")  # fmt: skip
-    imagenet = [sys.executable, "main.py", "--config=configs/res2net50.py", f"--workdir={new}"]
-    done = subprocess.run([*imagenet, "--config.model=res2net51"], cwd=ROOT, env=env(1), capture_output=True,
-                          text=True)  # fmt: skip
-    assert_one_line_error(done, "unknown model 'res2net51'")
+    imagenet = res2net50.get_config()
+    imagenet.model = "res2net51"
+    with pytest.raises(errors.InvalidInputError, match="unknown model 'res2net51'"):
+        train.train_and_evaluate(imagenet, new)
     done = subprocess.run([sys.executable, "main.py", "--config=configs/quickstrat.py", f"--workdir={new}"],
                           cwd=ROOT, env=env(1), capture_output=True, text=True)  # fmt: skip
     assert_one_line_error(done, "cannot load --config=configs/quickstrat.py: [Errno 2] No such file")
@@ -319,7 +318,7 @@ def test_bad_config_is_refused_before_the_workdir_is_made(noise_folder: str, tmp
 def test_changing_the_optimizer_of_a_workdir_is_named(six_step_run: str, noise_folder: str, tmp_path) -> None:
     workdir = str(tmp_path / "run")
     shutil.copytree(six_step_run, workdir)
-    done = run(workdir, noise_folder, *SIX_STEPS, "--config.optimizer=adamw", "--config.ema_decay=0.5", devices=1)
+    done = run_here(workdir, noise_folder, *SIX_STEPS, "--config.optimizer=adamw", "--config.ema_decay=0.5")
     assert_one_line_error(done, "ema_decay: 0.9 there, 0.5 now; optimizer: 'nesterov' there, 'adamw' now")
 
 
@@ -420,7 +419,7 @@ def test_a_bad_image_in_a_folder_dataset_is_named_before_training(tmp_path) -> N
             Image.fromarray(np.zeros((36, 36, 3), np.uint8)).save(root / split / label / "0.png")
     (root / "train" / "b" / "readme.jpg").write_text("not an image")
     workdir = tmp_path / "run"
-    done = run(str(workdir), f"folder:{root}", devices=1, timeout=300)
+    done = run_here(str(workdir), f"folder:{root}")
     assert_one_line_error(done, f"1 file(s) in {root} are not whole JPEG or PNG images: {root}/train/b/readme.jpg")
     assert not workdir.exists()
 

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
-from launch import ROOT, assert_one_line_error, env
+from launch import ROOT, env
 from PIL import Image
+
+from configs import res2net50
+from res2net_jax import train
+from res2net_jax.errors import UserError
 
 SYNSETS = ("n01440764", "n01443537", "n01484850")  # the first three ImageNet classes
 
@@ -34,13 +40,13 @@ def write_imagenet_tars(manual_dir: str, per_class: int = 4, val_images: int = 6
     (flat ILSVRC2012_val_NNNNNNNN.JPEG), as image-net.org ships them."""
     rng = np.random.RandomState(0)
     os.makedirs(manual_dir, exist_ok=True)
-    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as train:
+    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as train_tar:
         for synset in SYNSETS:
             inner = io.BytesIO()
             with tarfile.open(fileobj=inner, mode="w") as images:
                 for i in range(per_class):
                     _add(images, f"{synset}_{i + 1}.JPEG", _jpeg(rng))
-            _add(train, f"{synset}.tar", inner.getvalue())
+            _add(train_tar, f"{synset}.tar", inner.getvalue())
     with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as val:
         for i in range(val_images):
             _add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(rng))
@@ -53,16 +59,21 @@ def _main(workdir: str, data_dir: str) -> list[str]:
 
 
 def test_main_builds_imagenet_from_the_tars_then_trains(tmp_path) -> None:
+    """The refusals in this process (main.py prints a UserError's message as its one line); the build and
+    the training through main.py."""
     data_dir, manual = str(tmp_path / "tfds"), str(tmp_path / "tfds" / "downloads" / "manual")
     os.makedirs(manual)
-    done = subprocess.run(_main(str(tmp_path / "run"), data_dir), cwd=ROOT, env=env(1), capture_output=True,
-                          text=True)  # fmt: skip
-    assert_one_line_error(done, "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar missing from")
+    config = res2net50.get_config()
+    config.update(data_dir=data_dir, batch_size=8, eval_batch_size=8, num_train_steps=2, image_size=32)
+    with pytest.raises(UserError, match="ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar missing from"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
     write_imagenet_tars(manual)
     os.remove(os.path.join(manual, "ILSVRC2012_img_val.tar"))
-    done = subprocess.run(_main(str(tmp_path / "run"), data_dir), cwd=ROOT, env=env(1), capture_output=True,
-                          text=True)  # fmt: skip
-    assert_one_line_error(done, f"must be downloaded by hand: ILSVRC2012_img_val.tar missing from {manual}")
+    with pytest.raises(
+        UserError, match=re.escape(f"must be downloaded by hand: ILSVRC2012_img_val.tar missing from {manual}")
+    ):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
     write_imagenet_tars(manual)
     done = subprocess.run(_main(str(tmp_path / "run"), data_dir), cwd=ROOT, env=env(1), capture_output=True,
                           text=True, timeout=1200)  # fmt: skip
@@ -74,6 +85,6 @@ def test_main_builds_imagenet_from_the_tars_then_trains(tmp_path) -> None:
     builder = tfds.builder("imagenet2012", data_dir=data_dir)
     assert builder.info.splits["train"].num_examples == 12 and builder.info.splits["validation"].num_examples == 6
     assert builder.info.file_format.value == "array_record"  # read by index: each host reads only its examples
-    train = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
-    labels = {int(example["label"]) for example in train}
+    examples = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    labels = {int(example["label"]) for example in examples}
     assert labels == {0, 1, 2}  # the synsets' indices in TFDS's imagenet2012 label order

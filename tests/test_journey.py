@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 from conftest import SIX_STEPS, rel_error
-from launch import MODEL, OVERRIDES, ROOT, env, run, run_variables
+from launch import MODEL, OVERRIDES, ROOT, env, run_here, run_variables
 from PIL import Image
 
 from res2net_jax import create_model, deploy, from_pretrained, get_spec, inference, onnx_export, weight_files
@@ -114,7 +114,7 @@ def test_predict_and_eval_read_the_run(trained: str, noise_folder: str, tmp_path
     result = inference.make_predict_fn(model, variables, 4, SIZE, 1.0)(crop[None])
     top = int(result.top_classes[0, 0])
     assert f"{float(result.top_probs[0, 0]):7.2%}  {top:4d}  class{top}" in done.stdout  # names from classes.txt
-    done = run(trained, noise_folder, *SIX_STEPS, mode="eval", devices=1)
+    done = run_here(trained, noise_folder, *SIX_STEPS, mode="eval")
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(trained, "eval.jsonl")) as f:
         record = json.loads(f.readlines()[-1])

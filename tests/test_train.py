@@ -23,6 +23,7 @@ from launch import (
     metrics,
     popen,
     run,
+    run_here,
     run_variables,
     train_run,
 )
@@ -65,7 +66,9 @@ def _assert_same_training(workdir: str, reference: str) -> None:
 
 
 def test_eight_devices_train_like_one(short_run: str, noise_folder: str, tmp_path) -> None:
-    _assert_same_training(train_run(str(tmp_path), noise_folder, SHORT, devices=1), short_run)
+    done = run_here(str(tmp_path), noise_folder, SHORT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_training(str(tmp_path), short_run)
 
 
 def _leaves(tree: dict) -> list[np.ndarray]:
@@ -84,8 +87,8 @@ def test_gradient_accumulation_counts_updates_on_any_device_count(noise_folder: 
     accumulate = (SHORT, "--config.grad_accum_steps=2", "--config.batch_size=8", "--config.warmup_epochs=0.0834",
                   "--config.log_every_steps=1", "--config.learning_rate=0.01")  # fmt: skip
     runs = {devices: str(tmp_path / str(devices)) for devices in (8, 1)}
-    for devices, workdir in runs.items():
-        done = run(workdir, noise_folder, *accumulate, devices=devices)
+    for devices, workdir in runs.items():  # 8 in a process of their own, 1 in this one
+        done = run(workdir, noise_folder, *accumulate) if devices == 8 else run_here(workdir, noise_folder, *accumulate)
         assert done.returncode == 0, done.stderr[-3000:]
     logged = re.findall(r"^step (\S+) .* epoch (\S+) loss \S+ lr (\S+) ", done.stdout, re.MULTILINE)
     assert logged == [("1/3", "0.08", "0.01"), ("2/3", "0.17", "0.005"), ("3/3", "0.25", "0")]
@@ -181,7 +184,7 @@ def test_eval_mode_reproduces_the_final_metrics(reference_run: str, noise_folder
 def test_eval_mode_takes_a_mindspore_checkpoint(reference_run: str, noise_folder: str, tmp_path) -> None:
     weights = str(tmp_path / "exported.ckpt")
     weight_files.to_mindspore(run_variables(reference_run), MODEL, weights, OVERRIDES)
-    done = run(str(tmp_path / "eval"), noise_folder, f"--config.eval_weights={weights}", mode="eval")
+    done = run_here(str(tmp_path / "eval"), noise_folder, f"--config.eval_weights={weights}", mode="eval")
     assert done.returncode == 0, done.stderr[-3000:]
     final = metrics(reference_run)[-1]
     assert f"top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}%" in done.stdout
@@ -240,11 +243,11 @@ def test_fine_tuning_starts_from_given_weights_with_a_new_head(reference_run: st
     weights = str(tmp_path / "pretrained.safetensors")
     weight_files.save_state_dict(convert.to_torch(ten_classes, MODEL, OVERRIDES), weights)
     workdir = str(tmp_path / "run")
-    done = run(workdir, noise_folder, f"--config.init_weights={weights}", "--config.num_train_steps=1", devices=1)
+    done = run_here(workdir, noise_folder, f"--config.init_weights={weights}", "--config.num_train_steps=1")
     assert done.returncode != 0 and "reset_head=True" in done.stderr  # 10 vs 4 classes is refused...
-    done = run(workdir, noise_folder, f"--config.init_weights={weights}", "--config.reset_head=True",
-                "--config.num_train_steps=1", "--config.learning_rate=0", "--config.weight_decay=0",
-                "--config.ema_decay=0", devices=1)  # fmt: skip
+    done = run_here(workdir, noise_folder, f"--config.init_weights={weights}", "--config.reset_head=True",
+                    "--config.num_train_steps=1", "--config.learning_rate=0", "--config.weight_decay=0",
+                    "--config.ema_decay=0")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]  # ...unless the head is replaced
     tuned = _params(workdir)
     assert tuned["fc"]["kernel"].shape == (2048, 4)
