@@ -92,3 +92,5 @@ def test_a_folded_model_is_for_inference_only() -> None:
     with pytest.raises(ValueError, match="fold_bn=True is for inference"):
         folded.apply(folded_variables, jnp.zeros((1, 64, 64, 3)), train=True, mutable=["batch_stats"])
     assert fold_batch_norm(folded, folded_variables) == (folded, folded_variables)  # folded once only
+    # On the device already: a jitted function would copy NumPy arrays there again on every call.
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(folded_variables))
