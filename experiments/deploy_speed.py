@@ -4,6 +4,7 @@ predict and the exports run it) against the same unfolded and against timm eager
 
     PYTHONPATH=. python experiments/deploy_speed.py --out=experiments/results/deploy_speed_cpu.json
     PYTHONPATH=. python experiments/deploy_speed.py --image_size=64 --repeats=2 --rounds=1 --out=/tmp/tiny.json
+    PYTHONPATH=. python experiments/deploy_speed.py --pad_branches=8 --out=...  # with the widened-branch ONNX too
 
 Each side runs in its own process (one framework's threads and caches never meet another's), with as
 many threads as the machine has cores, at batch 1 (median ms of a call) and batch 8 (img/s); the sides
@@ -32,6 +33,12 @@ _MODEL = flags.DEFINE_string("model", "res2net50d", "The network (a timm name)."
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per batch size and side, after one untimed call.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds over all sides, alternating their order.")
+_PAD = flags.DEFINE_integer(
+    "pad_branches",
+    0,
+    "Also time this project's ONNX with every Res2Net branch narrower than a multiple of N channels widened "
+    "to one with zero weights (the same logits; onnxruntime's NCHWc kernels take multiples of 8 or 16); 0: not.",
+)
 _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: time one side in the directory given and print JSON.")
 SIDES = ("onnx", "timm_onnx", "jit_folded", "jit_unfolded", "timm_eager")
@@ -53,7 +60,7 @@ def _runner(side: str, directory: str) -> Any:
     """A function of NCHW float32 images (numpy) that runs `side` to completion."""
     import numpy as np
 
-    if side in ("onnx", "timm_onnx"):
+    if side in ("onnx", "onnx_padded", "timm_onnx"):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -100,6 +107,83 @@ def _worker(side: str, directory: str) -> dict[str, float]:
     return figures
 
 
+def pad_branches(graph: Any, multiple: int) -> int:
+    """Widens, in place, each Res2Net block's branches of w channels (a Split of equal pieces between conv1
+    and a Concat before conv3) to the next multiple of `multiple`: conv1's output channels, every branch
+    convolution's input and output channels and conv3's input channels gain zero weights and biases,
+    so the extra channels stay 0 through every Relu, Add and pooling and the logits are unchanged.
+    Returns the number of blocks widened."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def get(name: str) -> Any:
+        return numpy_helper.to_array(initializers[name])
+
+    def put(name: str, value: Any) -> None:
+        initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+
+    def conv_before(node: Any) -> Any:
+        while node.op_type != "Conv":
+            node = producer[node.input[0]]
+        return node
+
+    widened = 0
+    for split in [node for node in graph.node if node.op_type == "Split" and len(node.input) > 1]:
+        sizes = get(split.input[1])
+        width, pieces = int(sizes[0]), len(sizes)
+        wide = -(-width // multiple) * multiple
+        if wide == width or any(int(size) != width for size in sizes):
+            continue
+        old_to_new = [piece * wide + channel for piece in range(pieces) for channel in range(width)]
+        conv1 = conv_before(producer[split.input[0]])
+        for index in (1, 2):  # kernel (out, in, kh, kw) and bias: output channels
+            value = get(conv1.input[index])
+            grown = np.zeros((wide * pieces, *value.shape[1:]), value.dtype)
+            grown[old_to_new] = value
+            put(conv1.input[index], grown)
+        put(split.input[1], np.full(pieces, wide, sizes.dtype))
+        pending, seen, concat = list(split.output), set(), None
+        while pending:  # the branches: every node between the Split and the Concat
+            for node in consumers.get(pending.pop(), []):
+                if node.op_type == "Concat":
+                    concat = node
+                elif id(node) not in seen:
+                    seen.add(id(node))
+                    if node.op_type == "Conv":
+                        kernel, bias = get(node.input[1]), get(node.input[2])
+                        grown = np.zeros((wide, wide, *kernel.shape[2:]), kernel.dtype)
+                        grown[:width, :width] = kernel
+                        put(node.input[1], grown)
+                        put(node.input[2], np.concatenate([bias, np.zeros(wide - width, bias.dtype)]))
+                    pending.extend(node.output)
+        conv3 = consumers[concat.output[0]][0]
+        kernel = get(conv3.input[1])
+        grown = np.zeros((kernel.shape[0], wide * pieces, *kernel.shape[2:]), kernel.dtype)
+        grown[:, old_to_new] = kernel
+        put(conv3.input[1], grown)
+        widened += 1
+    del graph.value_info[:]  # the intermediate shapes changed: onnxruntime infers them again
+    return widened
+
+
+def _check_same_logits(directory: str, side: str, other: str) -> None:
+    """Two ONNX files of `directory` compute the same logits (relative error <= 1e-5) on two images."""
+    import numpy as np
+
+    images = np.random.RandomState(0).randn(2, 3, _IMAGE_SIZE.value, _IMAGE_SIZE.value).astype(np.float32)
+    expected, got = _runner(side, directory)(images), _runner(other, directory)(images)
+    error = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+    if error > 1e-5:
+        raise RuntimeError(f"{other} computes other logits than {side}: relative error {error:.2g}")
+
+
 def _prepare(directory: str) -> dict[str, Any]:
     """timm's network and its weights as files, and both ONNX exports of them; the graphs' node counts."""
     import collections
@@ -121,8 +205,16 @@ def _prepare(directory: str) -> dict[str, Any]:
     variables = convert.from_torch({k: v.numpy() for k, v in model.state_dict().items()}, _MODEL.value)
     onnx_export.export_onnx(create_model(_MODEL.value), variables, size, os.path.join(directory, "onnx.onnx"),
                             nchw=True)  # fmt: skip
+    sides = ["onnx", "timm_onnx"]
+    if _PAD.value:
+        padded = onnx.load(os.path.join(directory, "onnx.onnx"))
+        if not pad_branches(padded.graph, _PAD.value):
+            raise ValueError(f"{_MODEL.value} has no branches to widen to a multiple of {_PAD.value}")
+        onnx.save(padded, os.path.join(directory, "onnx_padded.onnx"))
+        _check_same_logits(directory, "onnx", "onnx_padded")
+        sides.append("onnx_padded")
     nodes = {}
-    for side in ("onnx", "timm_onnx"):
+    for side in sides:
         ops = collections.Counter(n.op_type for n in onnx.load(os.path.join(directory, f"{side}.onnx")).graph.node)
         nodes[side] = {"nodes": sum(ops.values()), "ops": dict(ops)}
     return nodes
@@ -138,9 +230,10 @@ def main(argv: list[str]) -> None:
     report.refuse_existing(_OUT.value)
     with tempfile.TemporaryDirectory(prefix="deploy_speed_") as directory:
         graphs = _prepare(directory)
-        rounds: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
+        timed = SIDES + ("onnx_padded",) if _PAD.value else SIDES
+        rounds: dict[str, list[dict[str, float]]] = {side: [] for side in timed}
         for index in range(_ROUNDS.value):
-            for side in SIDES if index % 2 == 0 else SIDES[::-1]:
+            for side in timed if index % 2 == 0 else timed[::-1]:
                 flags_ = [f"--{f.name}={f.value}" for f in (_MODEL, _IMAGE_SIZE, _REPEATS)]
                 done = subprocess.run([sys.executable, __file__, f"--worker={side}:{directory}", *flags_,
                                        f"--out={_OUT.value}"], capture_output=True, text=True, check=False)  # fmt: skip
@@ -157,8 +250,11 @@ def main(argv: list[str]) -> None:
         "jit_folded_vs_timm_eager_b8": sides["jit_folded"]["b8_img_s"] / sides["timm_eager"]["b8_img_s"],
         "jit_folded_vs_timm_eager_b1": sides["timm_eager"]["b1_ms"] / sides["jit_folded"]["b1_ms"],
     }
+    if _PAD.value:
+        ratios["onnx_padded_vs_onnx_b1"] = sides["onnx"]["b1_ms"] / sides["onnx_padded"]["b1_ms"]
+        ratios["onnx_padded_vs_onnx_b8"] = sides["onnx_padded"]["b8_img_s"] / sides["onnx"]["b8_img_s"]
     settings = {"model": _MODEL.value, "image_size": _IMAGE_SIZE.value, "repeats": _REPEATS.value,
-                "rounds": _ROUNDS.value, "threads": os.cpu_count()}  # fmt: skip
+                "rounds": _ROUNDS.value, "threads": os.cpu_count(), "pad_branches": _PAD.value}  # fmt: skip
     report.write(_OUT.value, PACKAGES, settings, sides=sides, ratios=ratios, rounds=rounds, graphs=graphs)
     print(json.dumps(ratios, indent=1))
 
