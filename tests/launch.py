@@ -1,4 +1,5 @@
-"""One way for the tests to run main.py: a small Res2Net on generated data, on fake CPU devices."""
+"""How the tests run main.py: a small Res2Net on generated data, on fake CPU devices, in a process of its own
+(`run`, `popen`) or, where the process is not what is tested, in the test's (`run_here`)."""
 
 from __future__ import annotations
 
