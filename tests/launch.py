@@ -37,15 +37,22 @@ def command(workdir: str, dataset: str, *overrides: str) -> list[str]:
     ]  # fmt: skip
 
 
-def config(workdir: str, dataset: str, *overrides: str) -> ml_collections.ConfigDict:
-    """The config that `command` gives main.py, built in this process by the same flag parsing, for the
-    checks that need no process of their own."""
-    settings = [arg for arg in command(workdir, dataset, *overrides) if arg.startswith("--config.")]
-    argv = ["main.py", f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}", *settings]
+def config_of(argv: list[str]) -> ml_collections.ConfigDict:
+    """The config a main.py command line gives (its --config file, relative to the repository, and its
+    --config.FIELD settings), built in this process by main.py's flag parsing, for the checks that need no
+    process of their own."""
+    (path,) = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    settings = [arg for arg in argv if arg.startswith("--config.")]
+    parsed = ["main.py", f"--config={os.path.join(ROOT, path)}", *settings]
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "the config file", flag_values=values, sys_argv=argv)
-    values(argv)
+    config_flags.DEFINE_config_file("config", None, "the config file", flag_values=values, sys_argv=parsed)
+    values(parsed)
     return values.config
+
+
+def config(workdir: str, dataset: str, *overrides: str) -> ml_collections.ConfigDict:
+    """The config that `command` gives main.py (`config_of`)."""
+    return config_of(command(workdir, dataset, *overrides))
 
 
 def env(devices: int) -> dict[str, str]:

@@ -24,10 +24,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import SIX_STEPS
-from launch import MODEL, OVERRIDES, ROOT, assert_one_line_error, env, metrics, popen, run_here, run_variables
+from launch import (
+    MODEL,
+    OVERRIDES,
+    ROOT,
+    assert_one_line_error,
+    config_of,
+    env,
+    metrics,
+    popen,
+    run_here,
+    run_variables,
+)
 from PIL import Image
 
-from configs import res2net50
 from res2net_jax import config_check, convert, errors, inference, train, weight_files
 from res2net_jax import workdir as run_dir
 
@@ -305,8 +315,7 @@ def test_bad_config_is_refused_before_the_workdir_is_made(noise_folder: str, tmp
     new = str(tmp_path / "new")
     assert_one_line_error(run_here(new, noise_folder, "--config.batch_size=0"),
                           "config.batch_size=0 is not allowed: use a whole number >= 1")  # fmt: skip
-    imagenet = res2net50.get_config()
-    imagenet.model = "res2net51"
+    imagenet = config_of(["main.py", "--config=configs/res2net50.py", f"--workdir={new}", "--config.model=res2net51"])
     with pytest.raises(errors.InvalidInputError, match="unknown model 'res2net51'"):
         train.train_and_evaluate(imagenet, new)
     done = subprocess.run([sys.executable, "main.py", "--config=configs/quickstrat.py", f"--workdir={new}"],

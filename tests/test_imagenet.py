@@ -13,10 +13,9 @@ import tarfile
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from launch import ROOT, env
+from launch import ROOT, config_of, env
 from PIL import Image
 
-from configs import res2net50
 from res2net_jax import train
 from res2net_jax.errors import UserError
 
@@ -63,8 +62,7 @@ def test_main_builds_imagenet_from_the_tars_then_trains(tmp_path) -> None:
     the training through main.py."""
     data_dir, manual = str(tmp_path / "tfds"), str(tmp_path / "tfds" / "downloads" / "manual")
     os.makedirs(manual)
-    config = res2net50.get_config()
-    config.update(data_dir=data_dir, batch_size=8, eval_batch_size=8, num_train_steps=2, image_size=32)
+    config = config_of(_main(str(tmp_path / "run"), data_dir))
     with pytest.raises(UserError, match="ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar missing from"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     write_imagenet_tars(manual)
