@@ -112,7 +112,7 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from res2net_jax import augment, create_model, fold_batch_norm, steps
+    from res2net_jax import augment, create_model, fold_batch_norm, inference, steps
 
     device = jax.devices()[0]
     dtype = jnp.bfloat16 if _bfloat16(device.platform in ("gpu", "tpu")) else jnp.float32
@@ -158,20 +158,21 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
         sync(train())  # compiles under jit
         compile_s = time.perf_counter() - start
         step_s = report.seconds_per_call(train, sync, repeats)
-        # The inference function as make_predict_fn and the exports run it: BatchNorm folded.
+        # The inference function as make_predict_fn runs it: BatchNorm folded, its compiler options.
         unfolded = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
-        infer_model, inference = fold_batch_norm(model, unfolded)
-        infer = jax.jit(lambda v, x: infer_model.apply(v, x, train=False))
+        infer_model, folded = fold_batch_norm(model, unfolded)
+        options = inference.inference_compiler_options()
+        infer = jax.jit(lambda v, x: infer_model.apply(v, x, train=False), compiler_options=options)
         images = {n: pool[:n] for n in {1, 32, batch}}
-        infer_s = report.seconds_per_call(lambda: infer(inference, images[batch]), sync, repeats)
-        b32_ms = _latency_ms(lambda: infer(inference, images[32]), sync, repeats)
-        b1_ms = _latency_ms(lambda: infer(inference, images[1]), sync, repeats)
+        infer_s = report.seconds_per_call(lambda: infer(folded, images[batch]), sync, repeats)
+        b32_ms = _latency_ms(lambda: infer(folded, images[32]), sync, repeats)
+        b1_ms = _latency_ms(lambda: infer(folded, images[1]), sync, repeats)
     stats = device.memory_stats() or {}
     peak_mem = stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
     compile_s = None if eager else compile_s
     figures = _figures(jnp.dtype(dtype).name, batch, step_s, infer_s, b32_ms, b1_ms, compile_s, peak_mem)
     if not eager:  # XLA's count of the program before optimisation, so the same on every backend
-        forward = infer.lower(inference, images[1]).cost_analysis()["flops"]
+        forward = infer.lower(folded, images[1]).cost_analysis()["flops"]
         train_flops = train_step.lower(holder["state"], data).cost_analysis()["flops"] / batch
         figures.update(flops_forward_per_img=forward, flops_train_per_img=train_flops,
                        train_tflop_s=train_flops * figures["train_img_s"] / 1e12)  # fmt: skip

@@ -1,6 +1,7 @@
 """Deployed inference speed, side by side: this project's ONNX against timm's torch.onnx.export of the same
-weights on onnxruntime, and the jitted JAX inference function (BatchNorm folded, as make_predict_fn,
-predict and the exports run it) against the same unfolded and against timm eager.
+weights on onnxruntime, and the jitted JAX inference function (BatchNorm folded and compiled with
+`inference_compiler_options`, as make_predict_fn and predict run it) against the same unfolded, the same
+compiled with XLA's default options, and timm eager.
 
     PYTHONPATH=. python experiments/deploy_speed.py --out=experiments/results/deploy_speed_cpu.json
     PYTHONPATH=. python experiments/deploy_speed.py --image_size=64 --repeats=2 --rounds=1 --out=/tmp/tiny.json
@@ -41,7 +42,7 @@ _PAD = flags.DEFINE_integer(
 )
 _OUT = flags.DEFINE_string("out", None, "The JSON file to write (never overwritten).", required=True)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: time one side in the directory given and print JSON.")
-SIDES = ("onnx", "timm_onnx", "jit_folded", "jit_unfolded", "timm_eager")
+SIDES = ("onnx", "timm_onnx", "jit_folded", "jit_unfolded", "jit_xla_defaults", "timm_eager")
 BATCHES = (1, 8)
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "timm", "onnx", "onnxruntime")
 
@@ -84,13 +85,14 @@ def _runner(side: str, directory: str) -> Any:
         return run
     import jax
 
-    from res2net_jax import create_model, fold_batch_norm, weight_files
+    from res2net_jax import create_model, fold_batch_norm, inference, weight_files
 
     model = create_model(_MODEL.value)
     variables = weight_files.load_variables(os.path.join(directory, "timm.safetensors"), _MODEL.value)
-    if side == "jit_folded":
+    if side != "jit_unfolded":
         model, variables = fold_batch_norm(model, variables)
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    options = {} if side == "jit_xla_defaults" else inference.inference_compiler_options()
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
     return lambda images: np.asarray(forward(variables, images.transpose(0, 2, 3, 1)))
 
 
@@ -249,6 +251,8 @@ def main(argv: list[str]) -> None:
         "jit_folded_vs_unfolded_b8": sides["jit_folded"]["b8_img_s"] / sides["jit_unfolded"]["b8_img_s"],
         "jit_folded_vs_timm_eager_b8": sides["jit_folded"]["b8_img_s"] / sides["timm_eager"]["b8_img_s"],
         "jit_folded_vs_timm_eager_b1": sides["timm_eager"]["b1_ms"] / sides["jit_folded"]["b1_ms"],
+        "jit_folded_vs_xla_defaults_b8": sides["jit_folded"]["b8_img_s"] / sides["jit_xla_defaults"]["b8_img_s"],
+        "jit_folded_vs_xla_defaults_b1": sides["jit_xla_defaults"]["b1_ms"] / sides["jit_folded"]["b1_ms"],
     }
     if _PAD.value:
         ratios["onnx_padded_vs_onnx_b1"] = sides["onnx"]["b1_ms"] / sides["onnx_padded"]["b1_ms"]

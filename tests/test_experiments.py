@@ -322,8 +322,11 @@ def test_deploy_speed_times_every_side_and_records_the_graphs(tmp_path) -> None:
     result = json.loads(out.read_text())
     assert result["card"].startswith("CPU") and result["date"] == datetime.date.today().isoformat()
     assert result["versions"]["onnxruntime"] != "not installed"
-    assert set(result["sides"]) == {"onnx", "timm_onnx", "jit_folded", "jit_unfolded", "timm_eager", "onnx_padded"}
-    assert {"onnx_padded_vs_onnx_b1", "onnx_padded_vs_onnx_b8"} <= set(result["ratios"])
+    assert set(result["sides"]) == {"onnx", "timm_onnx", "jit_folded", "jit_unfolded", "jit_xla_defaults",
+                                    "timm_eager", "onnx_padded"}  # fmt: skip
+    assert {"onnx_padded_vs_onnx_b1", "onnx_padded_vs_onnx_b8", "jit_folded_vs_xla_defaults_b8"} <= set(
+        result["ratios"]
+    )
     assert all(figures["b8_img_s"] > 0 and figures["b1_ms"] > 0 for figures in result["sides"].values())
     assert all(ratio > 0 for ratio in result["ratios"].values())
     ours, timms = result["graphs"]["onnx"]["ops"], result["graphs"]["timm_onnx"]["ops"]

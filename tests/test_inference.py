@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ import torchvision
 from conftest import timm_pair
 from PIL import Image
 
-from res2net_jax import create_model, make_predict_fn, preprocess, weight_files
+from res2net_jax import create_model, inference, make_predict_fn, preprocess, weight_files
+from res2net_jax.errors import InvalidInputError
 from res2net_jax.inference import center_crop, imagenet_classes
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -68,6 +70,28 @@ def test_predict_fn_gives_timm_top_k_and_compiles_once_per_shape() -> None:
     assert compiled._cache_size() == 1
     predict(images[:, :200])
     assert compiled._cache_size() == 2
+
+
+def test_predict_fn_refuses_weights_holding_nan_or_infinity() -> None:
+    """Its compiled ReLUs may drop a NaN (`inference_compiler_options`): a diverged network would print
+    confident classes instead of NaN, so such weights are refused before anything compiles."""
+    _, variables = timm_pair("res2net50_26w_4s", num_classes=10)
+    for bad in (np.nan, np.inf):
+        broken = jax.tree.map(np.array, variables)
+        broken["params"]["layer2_0"]["conv1"]["kernel"][0, 0, 0, 0] = bad
+        with pytest.raises(InvalidInputError, match="the weights hold NaN or infinite values"):
+            make_predict_fn(create_model("res2net50_26w_4s", num_classes=10), broken)
+
+
+def test_inference_options_fall_back_to_xlas_defaults_when_xla_refuses_them(monkeypatch) -> None:
+    """An XLA that no longer has the experimental option compiles the inference function with its defaults
+    instead of failing."""
+    monkeypatch.setattr(inference, "_CPU_INFERENCE_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
+    inference.inference_compiler_options.cache_clear()
+    try:
+        assert inference.inference_compiler_options() == {}
+    finally:
+        inference.inference_compiler_options.cache_clear()
 
 
 def test_class_names_follow_tfds_imagenet2012_order() -> None:
