@@ -176,6 +176,11 @@ def _jax(name: str, eager: bool) -> dict[str, Any]:
         train_flops = train_step.lower(holder["state"], data).cost_analysis()["flops"] / batch
         figures.update(flops_forward_per_img=forward, flops_train_per_img=train_flops,
                        train_tflop_s=train_flops * figures["train_img_s"] / 1e12)  # fmt: skip
+        # Folding's own share: the same function of the unfolded variables (XLA:CPU fuses BN either way).
+        plain = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
+        figures["infer_unfolded_b256_img_s"] = batch / report.seconds_per_call(
+            lambda: plain(unfolded, images[batch]), sync, repeats
+        )
     return figures
 
 
