@@ -91,7 +91,7 @@ def center_crop(
 # eval pass at batch 8 on 2 CPU cores, exact to float32 rounding (experiments/NOTES.md). Not for training
 # or evaluation: the fused ReLU drops NaN (IEEE maxNum) where XLA's max keeps it, so a diverged network's
 # NaN would not reach its loss. An inference function of finite weights on uint8 images, whose
-# normalised pixels are finite, has no NaN to lose.
+# normalised pixels are finite, has no NaN to lose unless its activations overflow float32.
 _CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
@@ -120,8 +120,8 @@ def make_predict_fn(
     """A jitted function from a uint8 (N, H, W, 3) RGB batch to a `Prediction`.
 
     Preprocessing runs inside the compiled function; it compiles once per input shape and is reused.
-    BatchNorm is folded into the convolutions (`fold_batch_norm`: the same logits, one pass fewer over
-    each activation), and it compiles with `inference_compiler_options`. The variables are an argument of
+    BatchNorm is folded into the convolutions (`fold_batch_norm`: the same logits to float32 rounding),
+    and it compiles with `inference_compiler_options`. The variables are an argument of
     the compiled function, not constants baked into it; weights holding NaN or infinite values are
     refused (InvalidInputError), as a training run refuses to save them.
     """
