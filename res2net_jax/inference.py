@@ -125,8 +125,10 @@ def make_predict_fn(
     the compiled function, not constants baked into it; weights holding NaN or infinite values are
     refused (InvalidInputError), as a training run refuses to save them.
     """
+    from res2net_jax.workdir import all_finite  # the check a run's saves make (imports Orbax: not at start-up)
+
     model, variables = fold_batch_norm(model, variables)
-    if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(variables)):
+    if not bool(all_finite(variables)):
         raise InvalidInputError("the weights hold NaN or infinite values: use those of a run before it diverged")
 
     @functools.partial(jax.jit, compiler_options=inference_compiler_options())
