@@ -11,6 +11,7 @@ The wire format is small enough to code here, which keeps MindSpore out of the J
 from __future__ import annotations
 
 import binascii
+import math
 import os
 from collections.abc import Iterator, Mapping
 
@@ -95,6 +96,8 @@ def _tensor(data: memoryview, tag: str) -> tuple[list[int], str, bytes]:
             while pos < len(value):
                 dim, pos = _read_varint(value, pos)
                 dims.append(dim)
+        elif number in (2, 3) and wire != _BYTES:
+            raise CorruptCheckpointError(f"tensor {tag!r} has a number where its type or content belongs")
         elif number == 2:
             tensor_type = bytes(value).decode()
         elif number == 3:
@@ -128,7 +131,9 @@ def _parse(data: bytes) -> dict[str, np.ndarray]:
         if number != 1 or wire != _BYTES:
             raise CorruptCheckpointError(f"unexpected top-level field {number}")
         tag, tensor = None, None
-        for inner, _, inner_value in _fields(value):
+        for inner, inner_wire, inner_value in _fields(value):
+            if inner in (1, 2) and inner_wire != _BYTES:
+                raise CorruptCheckpointError("an entry has a number where its name or tensor belongs")
             if inner == 1:
                 tag = bytes(inner_value).decode()
             elif inner == 2:
@@ -147,9 +152,12 @@ def _parse(data: bytes) -> dict[str, np.ndarray]:
             raise CorruptCheckpointError(f"{tag!r} has tensor type {tensor_type!r}, which this reader does not know")
         dtype = np.dtype(_NUMPY_TYPES[tensor_type])
         content = b"".join(part[2] for part in parts)
-        if len(content) != int(np.prod(dims)) * dtype.itemsize:
+        if len(content) != math.prod(dims) * dtype.itemsize:
             raise CorruptCheckpointError(f"{tag!r} has {len(content)} bytes for shape {tuple(dims)} of {tensor_type}")
-        tensors[tag] = np.frombuffer(content, dtype).reshape(dims).copy()
+        try:
+            tensors[tag] = np.frombuffer(content, dtype).reshape(dims).copy()
+        except (ValueError, OverflowError):  # a zero-size shape with a dimension no array can have
+            raise CorruptCheckpointError(f"{tag!r} has shape {tuple(dims)}, larger than any array") from None
     return tensors
 
 

@@ -139,6 +139,43 @@ def test_crc_trailer_is_checked(exported: dict, tmp_path) -> None:
         ms_checkpoint.read(bad)
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (payloads here are under 128 bytes, so the length is one byte)."""
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def test_damaged_bytes_are_one_clear_error(tmp_path) -> None:
+    """Whatever bytes a damaged .ckpt holds, reading it returns tensors or raises CorruptCheckpointError:
+    random bytes after a checkpoint's first byte, and a small checkpoint with bytes overwritten, 2,000 of
+    each (a number where a name belongs once raised MemoryError, a number where content belongs TypeError)."""
+    path = tmp_path / "small.ckpt"
+    ms_checkpoint.write({"conv.weight": np.ones((2, 3), np.float32), "bn.num_batches": np.int32([7])}, path)
+    body = path.read_bytes()
+    rng = np.random.default_rng(0)
+    for attempt in range(4000):
+        if attempt % 2:
+            data = b"\x0a" + rng.bytes(int(rng.integers(1, 400)))
+        else:
+            data = bytearray(body)
+            data[int(rng.integers(len(data)))] = int(rng.integers(256))
+        path.write_bytes(bytes(data))
+        try:
+            ms_checkpoint.read(path)
+        except CorruptCheckpointError:
+            pass
+    huge = b"\xff" * 8 + b"\x7f"  # the varint of 2**63 - 1
+    name, float32 = _field(1, b"w"), _field(2, b"Float32")
+    for data, problem in [
+        (_field(1, b"\x08" + huge), "a number where its name or tensor belongs"),  # tag = 2**63 - 1
+        (_field(1, name + _field(2, float32 + b"\x18\x05")), "'w' has a number where its type or content belongs"),
+        (_field(1, name + _field(2, b"\x08\x00\x08" + huge + float32 + _field(3, b""))),  # dims (0, 2**63 - 1)
+         r"'w' has shape \(0, 9223372036854775807\), larger than any array"),
+    ]:  # fmt: skip
+        path.write_bytes(data)
+        with pytest.raises(CorruptCheckpointError, match=problem):
+            ms_checkpoint.read(path)
+
+
 def test_bad_files_are_clear_errors(exported: dict, tmp_path) -> None:
     variables, path = exported["res2net50"]
     with open(path, "rb") as f:
@@ -148,7 +185,7 @@ def test_bad_files_are_clear_errors(exported: dict, tmp_path) -> None:
     with pytest.raises(CorruptCheckpointError, match=r"truncated\.ckpt is not a complete MindSpore checkpoint"):
         weight_files.from_mindspore(truncated, "res2net50")
     garbage = tmp_path / "garbage.ckpt"
-    garbage.write_bytes(b"\x0a" + os.urandom(4000))
+    garbage.write_bytes(b"\x0a" + np.random.default_rng(0).bytes(4000))
     with pytest.raises(CorruptCheckpointError, match="garbage.ckpt is not a complete MindSpore checkpoint"):
         weight_files.load_variables(garbage, "res2net50")
     mismatch = r"does not fit res2net50d \(res2net50_v1b in MindCV\): .*looks like res2net50_26w_4s"
