@@ -81,17 +81,20 @@ def _compilation_cache() -> Iterator[None]:
     from jax.experimental.compilation_cache import compilation_cache
 
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    max_size = int(os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE", -1))  # set: reads and writes take a file lock
+    settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_compilation_cache_max_size": max_size}  # fmt: skip
+    before = {name: getattr(jax.config, name) for name in settings}
     if path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        for name, value in settings.items():
+            jax.config.update(name, value)
         compilation_cache.reset_cache()
     try:
         yield
     finally:
         if path:
-            jax.config.update("jax_compilation_cache_dir", before[0])
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+            for name, value in before.items():
+                jax.config.update(name, value)
             compilation_cache.reset_cache()
 
 
