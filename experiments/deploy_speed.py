@@ -4,7 +4,8 @@ weights on onnxruntime, and the jitted JAX inference function (BatchNorm folded 
 compiled with XLA's default options, and timm eager.
 
     PYTHONPATH=. python experiments/deploy_speed.py --out=experiments/results/deploy_speed_cpu.json
-    PYTHONPATH=. python experiments/deploy_speed.py --image_size=64 --repeats=2 --rounds=1 --out=/tmp/tiny.json
+    PYTHONPATH=. python experiments/deploy_speed.py --image_size=64 --layers=1,1,1,1 --repeats=2 --rounds=1 \
+        --out=/tmp/tiny.json                                                         # a smoke run
     PYTHONPATH=. python experiments/deploy_speed.py --pad_branches=8 --out=...  # with the widened-branch ONNX too
 
 Each side runs in its own process (one framework's threads and caches never meet another's), with as
@@ -32,6 +33,7 @@ from res2net_jax import cli
 
 _MODEL = flags.DEFINE_string("model", "res2net50d", "The network (a timm name).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
+_LAYERS = flags.DEFINE_list("layers", [], "Blocks per stage instead of the model's own (smoke runs).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per batch size and side, after one untimed call.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds over all sides, alternating their order.")
 _PAD = flags.DEFINE_integer(
@@ -45,6 +47,11 @@ _WORKER = flags.DEFINE_string("worker", None, "Internal: time one side in the di
 SIDES = ("onnx", "timm_onnx", "jit_folded", "jit_unfolded", "jit_xla_defaults", "timm_eager")
 BATCHES = (1, 8)
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "timm", "onnx", "onnxruntime")
+
+
+def _overrides() -> dict[str, Any]:
+    """The --layers override, as timm's and this project's constructors both take it."""
+    return {"layers": [int(n) for n in _LAYERS.value]} if _LAYERS.value else {}
 
 
 def _median_ms(fn: Any, repeats: int) -> float:
@@ -74,7 +81,7 @@ def _runner(side: str, directory: str) -> Any:
         import torch
 
         torch.set_num_threads(os.cpu_count())
-        model = timm.create_model(_MODEL.value)
+        model = timm.create_model(_MODEL.value, **_overrides())
         model.load_state_dict(torch.load(os.path.join(directory, "timm.pt")))
         model.eval()
 
@@ -87,8 +94,9 @@ def _runner(side: str, directory: str) -> Any:
 
     from res2net_jax import create_model, fold_batch_norm, inference, weight_files
 
-    model = create_model(_MODEL.value)
-    variables = weight_files.load_variables(os.path.join(directory, "timm.safetensors"), _MODEL.value)
+    model = create_model(_MODEL.value, **_overrides())
+    variables = weight_files.load_variables(os.path.join(directory, "timm.safetensors"), _MODEL.value,
+                                            overrides=_overrides())  # fmt: skip
     if side != "jit_unfolded":
         model, variables = fold_batch_norm(model, variables)
     options = {} if side == "jit_xla_defaults" else inference.inference_compiler_options()
@@ -197,16 +205,17 @@ def _prepare(directory: str) -> dict[str, Any]:
 
     from res2net_jax import convert, create_model, onnx_export
 
-    model = timm.create_model(_MODEL.value).eval()
+    model = timm.create_model(_MODEL.value, **_overrides()).eval()
     torch.save(model.state_dict(), os.path.join(directory, "timm.pt"))
     save_file(model.state_dict(), os.path.join(directory, "timm.safetensors"))
     size = _IMAGE_SIZE.value
     torch.onnx.export(model, torch.zeros(1, 3, size, size), os.path.join(directory, "timm_onnx.onnx"),
                       opset_version=onnx_export.OPSET, dynamo=False, input_names=["images"], output_names=["logits"],
                       dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
-    variables = convert.from_torch({k: v.numpy() for k, v in model.state_dict().items()}, _MODEL.value)
-    onnx_export.export_onnx(create_model(_MODEL.value), variables, size, os.path.join(directory, "onnx.onnx"),
-                            nchw=True)  # fmt: skip
+    variables = convert.from_torch({k: v.numpy() for k, v in model.state_dict().items()}, _MODEL.value,
+                                   overrides=_overrides())  # fmt: skip
+    flax_model = create_model(_MODEL.value, **_overrides())
+    onnx_export.export_onnx(flax_model, variables, size, os.path.join(directory, "onnx.onnx"), nchw=True)
     sides = ["onnx", "timm_onnx"]
     if _PAD.value:
         padded = onnx.load(os.path.join(directory, "onnx.onnx"))
@@ -237,6 +246,7 @@ def main(argv: list[str]) -> None:
         for index in range(_ROUNDS.value):
             for side in timed if index % 2 == 0 else timed[::-1]:
                 flags_ = [f"--{f.name}={f.value}" for f in (_MODEL, _IMAGE_SIZE, _REPEATS)]
+                flags_.append(f"--layers={','.join(_LAYERS.value)}")
                 done = subprocess.run([sys.executable, __file__, f"--worker={side}:{directory}", *flags_,
                                        f"--out={_OUT.value}"], capture_output=True, text=True, check=False)  # fmt: skip
                 if done.returncode != 0:
@@ -257,7 +267,8 @@ def main(argv: list[str]) -> None:
     if _PAD.value:
         ratios["onnx_padded_vs_onnx_b1"] = sides["onnx"]["b1_ms"] / sides["onnx_padded"]["b1_ms"]
         ratios["onnx_padded_vs_onnx_b8"] = sides["onnx_padded"]["b8_img_s"] / sides["onnx"]["b8_img_s"]
-    settings = {"model": _MODEL.value, "image_size": _IMAGE_SIZE.value, "repeats": _REPEATS.value,
+    settings = {"model": _MODEL.value, "image_size": _IMAGE_SIZE.value, "layers": _LAYERS.value or "the model's own",
+                "repeats": _REPEATS.value,
                 "rounds": _ROUNDS.value, "threads": os.cpu_count(), "pad_branches": _PAD.value}  # fmt: skip
     report.write(_OUT.value, PACKAGES, settings, sides=sides, ratios=ratios, rounds=rounds, graphs=graphs)
     print(json.dumps(ratios, indent=1))

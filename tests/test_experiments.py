@@ -317,7 +317,7 @@ def test_remat_memory_compiles_both_steps_and_remat_keeps_less(tmp_path) -> None
 
 def test_deploy_speed_times_every_side_and_records_the_graphs(tmp_path) -> None:
     out = tmp_path / "deploy.json"
-    args = ["--image_size=64", "--repeats=1", "--rounds=1", "--pad_branches=8", f"--out={out}"]
+    args = ["--image_size=64", "--layers=1,1,1,1", "--repeats=1", "--rounds=1", "--pad_branches=8", f"--out={out}"]
     done = _script("deploy_speed.py", *args)
     assert done.returncode == 0, done.stderr[-3000:]  # the widened graph computed the same logits, or it stops
     result = json.loads(out.read_text())
@@ -331,6 +331,7 @@ def test_deploy_speed_times_every_side_and_records_the_graphs(tmp_path) -> None:
     assert all(figures["b8_img_s"] > 0 and figures["b1_ms"] > 0 for figures in result["sides"].values())
     assert all(ratio > 0 for ratio in result["ratios"].values())
     ours, timms = result["graphs"]["onnx"]["ops"], result["graphs"]["timm_onnx"]["ops"]
-    assert "BatchNormalization" not in ours and ours["Conv"] == timms["Conv"] == 87
+    # the stem's 3, each of the 4 blocks' conv1, 3 branch convolutions and conv3, and each stage's shortcut
+    assert "BatchNormalization" not in ours and ours["Conv"] == timms["Conv"] == 3 + 4 * 5 + 4
     assert result["graphs"]["onnx_padded"]["ops"] == ours  # widened, not rewired
     assert _script("deploy_speed.py", "--image_size=64", f"--out={out}").returncode == 1  # never overwritten
