@@ -49,6 +49,23 @@ def _module(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env(1), capture_output=True, text=True)
 
 
+# `python -m res2net_jax.export ARGS` for each ARGS in turn, in one process that imports the package once
+# (test_convert starts the command itself): each call parses its flags from their defaults, and the
+# process stops at the first that fails, with its status.
+EXPORTS = """
+import json, sys
+from absl import flags
+from res2net_jax import cli, export
+for args in json.loads(sys.argv[1]):
+    flags.FLAGS.unparse_flags()
+    try:
+        cli.run(export.main, argv=["export", *args])
+    except SystemExit as end:
+        if end.code:
+            raise
+"""
+
+
 def test_the_run_names_its_model_classes_and_settings(trained: str) -> None:
     info = run_dir.describe(run_dir.locate(os.path.join(trained, "best")))
     assert (info.model, info.model_overrides, info.num_classes) == (get_spec(MODEL).name, OVERRIDES, 4)
@@ -70,10 +87,12 @@ def test_every_export_of_the_run_gives_its_logits(where: str, trained: str, tmp_
     expected = _logits(run_variables(source))
     outputs = {"torch": "w.safetensors", "orbax": "flax", "mindspore": "w.ckpt", "stablehlo": "f.jaxexport",
                "savedmodel": "saved", "onnx": "f.onnx", "pretrained": "hf"}  # fmt: skip
-    for fmt, name in outputs.items():
-        done = _module("res2net_jax.export", f"--format={fmt}", f"--weights={source}", f"--out={tmp_path / name}",
-                       f"--image_size={SIZE}")  # fmt: skip
-        assert done.returncode == 0, f"{fmt}: {done.stderr[-3000:]}"
+    calls = [[f"--format={fmt}", f"--weights={source}", f"--out={tmp_path / name}", f"--image_size={SIZE}"]
+             for fmt, name in outputs.items()]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", EXPORTS, json.dumps(calls)], cwd=ROOT, env=env(1),
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split(" as ")[1].split()[0] for line in done.stdout.splitlines()] == list(outputs), done.stdout
     got = {
         "torch": _logits(weight_files.load_variables(tmp_path / "w.safetensors", MODEL, overrides=OVERRIDES)),
         "orbax": _logits(weight_files.load_variables(tmp_path / "flax", MODEL, overrides=OVERRIDES)),
