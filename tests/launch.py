@@ -120,6 +120,42 @@ def run_here(workdir: str, dataset: str, *overrides: str, mode: str = "train") -
     return subprocess.CompletedProcess(["main.py", f"--mode={mode}"], returncode, stdout.getvalue(), stderr.getvalue())
 
 
+# The runner of `cli_calls`: MODULE's main for each ARGS in turn, as `cli.run` runs it under `python -m`.
+CLI_CALLS = """
+import contextlib, importlib, io, json, sys
+from absl import flags
+from res2net_jax import cli
+
+name, calls = sys.argv[1], json.loads(sys.argv[2])
+module, results = importlib.import_module(name), []
+for args in calls:
+    flags.FLAGS.unparse_flags()
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            cli.run(module.main, argv=[name, *args])
+        except SystemExit as end:
+            code = end.code or 0
+            if isinstance(code, str):  # sys.exit(message): Python prints it and exits 1
+                print(code, file=sys.stderr)
+                code = 1
+    results.append([code, stdout.getvalue(), stderr.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def cli_calls(module: str, *calls: list[str]) -> list[subprocess.CompletedProcess]:
+    """`python -m MODULE ARGS` for each ARGS of `calls`, in one process that imports MODULE once, for the
+    checks of what each call prints and returns where a process per call is not what is tested: each
+    call's flags are parsed from their defaults, its stdout and stderr captured apart. Anything the
+    process writes outside the calls' Python streams (a C++ library's log line) fails here."""
+    done = subprocess.run([sys.executable, "-c", CLI_CALLS, module, json.dumps(calls)], cwd=ROOT, env=env(1),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0 and not done.stderr, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return [subprocess.CompletedProcess([module, *args], *result) for args, result in zip(calls, results, strict=True)]
+
+
 def train_run(workdir: str, dataset: str, *overrides: str, devices: int = 8) -> str:
     """`workdir` after a finished run of `command` (its stderr's end if it failed)."""
     done = run(workdir, dataset, *overrides, devices=devices)

@@ -29,6 +29,7 @@ from launch import (
     OVERRIDES,
     ROOT,
     assert_one_line_error,
+    cli_calls,
     config_of,
     env,
     metrics,
@@ -341,32 +342,35 @@ def _module(*args: str) -> subprocess.CompletedProcess:
 def test_cli_errors_are_one_line(tmp_path, tmp_weights: dict[str, str]) -> None:
     out = tmp_path / "exists.safetensors"
     out.write_bytes(b"keep me")
-    done = _module("res2net_jax.export", "--format=torch", "--model=res2net50", f"--weights={tmp_weights['pth']}",
-                   f"--out={out}")  # fmt: skip
-    assert_one_line_error(done, f"{out} exists: choose a new output path")
+    exists, missing = cli_calls(
+        "res2net_jax.export",
+        ["--format=torch", "--model=res2net50", f"--weights={tmp_weights['pth']}", f"--out={out}"],
+        ["--format=onnx", "--model=res2net50", "--weights=/no/such.pth", f"--out={tmp_path / 'x.onnx'}"],
+    )
+    assert_one_line_error(exists, f"{out} exists: choose a new output path")
     assert out.read_bytes() == b"keep me"
-    done = _module("res2net_jax.export", "--format=onnx", "--model=res2net50", "--weights=/no/such.pth",
-                   f"--out={tmp_path / 'x.onnx'}")  # fmt: skip
-    assert_one_line_error(done, "weights file not found: /no/such.pth")
-    done = _module("res2net_jax.predict", "--model=res2net5O", f"--weights={tmp_weights['pth']}", "a.png")
-    assert_one_line_error(done, "unknown model 'res2net5O'")
-    done = _module("res2net_jax.predict", "--model=res2net50d", f"--weights={tmp_weights['pth']}", "a.png")
-    assert_one_line_error(done, "checkpoint does not fit res2net50d")
+    assert_one_line_error(missing, "weights file not found: /no/such.pth")
+    calls = [[f"--model={name}", f"--weights={tmp_weights['pth']}", "a.png"] for name in ("res2net5O", "res2net50d")]
+    unknown, misfit = cli_calls("res2net_jax.predict", *calls)
+    assert_one_line_error(unknown, "unknown model 'res2net5O'")
+    assert_one_line_error(misfit, "checkpoint does not fit res2net50d")
 
 
 def test_predict_and_export_flags_are_checked_before_any_work(tmp_path, tmp_weights: dict[str, str]) -> None:
     weights = f"--weights={tmp_weights['pth']}"
-    for flag in ("--top_k=0", "--top_k=-1", "--batch_size=0"):
-        done = _module("res2net_jax.predict", "--model=res2net50", weights, flag, "a.png")
+    counts = ("--top_k=0", "--top_k=-1", "--batch_size=0")
+    calls = [["--model=res2net50", weights, flag, "a.png"] for flag in counts]
+    for flag, done in zip(counts, cli_calls("res2net_jax.predict", *calls), strict=True):
         assert_one_line_error(done, f"{flag} is not allowed: use a whole number >= 1")
-    for size in ("0", "8", "-1"):
-        done = _module("res2net_jax.export", "--format=onnx", "--model=res2net50", weights, f"--image_size={size}",
-                       f"--out={tmp_path / 'x.onnx'}")  # fmt: skip
-        assert_one_line_error(done, f"--image_size={size} is not allowed: the models take 32 px or more")
     (tmp_path / "a_file").write_text("")  # in the way of the output's directory (root writes anywhere else)
     out = tmp_path / "a_file" / "sub" / "x.safetensors"
-    done = _module("res2net_jax.export", "--format=torch", "--model=res2net50", weights, f"--out={out}")
-    assert_one_line_error(done, f"cannot write {out}: {tmp_path / 'a_file'} is not a writable directory")
+    sizes = ("0", "8", "-1")
+    calls = [["--format=onnx", "--model=res2net50", weights, f"--image_size={size}", f"--out={tmp_path / 'x.onnx'}"]
+             for size in sizes] + [["--format=torch", "--model=res2net50", weights, f"--out={out}"]]  # fmt: skip
+    *too_small, unwritable = cli_calls("res2net_jax.export", *calls)
+    for size, done in zip(sizes, too_small, strict=True):
+        assert_one_line_error(done, f"--image_size={size} is not allowed: the models take 32 px or more")
+    assert_one_line_error(unwritable, f"cannot write {out}: {tmp_path / 'a_file'} is not a writable directory")
     assert os.listdir(tmp_path) == ["a_file"]
 
 
@@ -406,9 +410,9 @@ def test_untrusted_class_names_cannot_act_on_the_terminal(tmp_path) -> None:
     save_pretrained(directory, MODEL, variables, class_names=evil, overrides=OVERRIDES)
     image = tmp_path / "a.png"
     Image.fromarray((np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8)).save(image)
-    outputs = {}
-    for kind in ("text", "csv", "json"):
-        done = _module("res2net_jax.predict", f"--weights={directory}", f"--format={kind}", str(image))
+    outputs, kinds = {}, ("text", "csv", "json")
+    calls = [[f"--weights={directory}", f"--format={kind}", str(image)] for kind in kinds]
+    for kind, done in zip(kinds, cli_calls("res2net_jax.predict", *calls), strict=True):
         assert done.returncode == 0, done.stderr[-3000:]
         assert not any(c in done.stdout for c in "\x1b\x07\r"), done.stdout
         outputs[kind] = done.stdout

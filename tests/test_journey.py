@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 from conftest import SIX_STEPS, rel_error
-from launch import MODEL, OVERRIDES, ROOT, env, run_here, run_variables
+from launch import MODEL, OVERRIDES, ROOT, cli_calls, env, run_here, run_variables
 from PIL import Image
 
 from res2net_jax import create_model, deploy, from_pretrained, get_spec, inference, onnx_export, weight_files
@@ -49,23 +49,6 @@ def _module(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env(1), capture_output=True, text=True)
 
 
-# `python -m res2net_jax.export ARGS` for each ARGS in turn, in one process that imports the package once
-# (test_convert starts the command itself): each call parses its flags from their defaults, and the
-# process stops at the first that fails, with its status.
-EXPORTS = """
-import json, sys
-from absl import flags
-from res2net_jax import cli, export
-for args in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    try:
-        cli.run(export.main, argv=["export", *args])
-    except SystemExit as end:
-        if end.code:
-            raise
-"""
-
-
 def test_the_run_names_its_model_classes_and_settings(trained: str) -> None:
     info = run_dir.describe(run_dir.locate(os.path.join(trained, "best")))
     assert (info.model, info.model_overrides, info.num_classes) == (get_spec(MODEL).name, OVERRIDES, 4)
@@ -89,10 +72,8 @@ def test_every_export_of_the_run_gives_its_logits(where: str, trained: str, tmp_
                "savedmodel": "saved", "onnx": "f.onnx", "pretrained": "hf"}  # fmt: skip
     calls = [[f"--format={fmt}", f"--weights={source}", f"--out={tmp_path / name}", f"--image_size={SIZE}"]
              for fmt, name in outputs.items()]  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", EXPORTS, json.dumps(calls)], cwd=ROOT, env=env(1),
-                          capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [line.split(" as ")[1].split()[0] for line in done.stdout.splitlines()] == list(outputs), done.stdout
+    for fmt, done in zip(outputs, cli_calls("res2net_jax.export", *calls), strict=True):  # test_convert: the command
+        assert done.returncode == 0 and f" as {fmt} to " in done.stdout, f"{fmt}: {done.stderr[-3000:]}"
     got = {
         "torch": _logits(weight_files.load_variables(tmp_path / "w.safetensors", MODEL, overrides=OVERRIDES)),
         "orbax": _logits(weight_files.load_variables(tmp_path / "flax", MODEL, overrides=OVERRIDES)),
