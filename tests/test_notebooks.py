@@ -32,7 +32,10 @@ def test_notebook_runs_and_is_committed_clean(name: str, tmp_path, monkeypatch: 
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", shipped_env()["XLA_FLAGS"])
+    shipped = shipped_env()
+    for name in set(os.environ) - set(shipped):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("XLA_FLAGS", shipped["XLA_FLAGS"])
     # Jupyter starts a notebook's kernel in the notebook's own folder, and so do these runs.
     folder = os.path.join(ROOT, "notebooks")
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": folder}}).execute()
