@@ -33,8 +33,8 @@ def test_notebook_runs_and_is_committed_clean(name: str, tmp_path, monkeypatch: 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     shipped = shipped_env()
-    for name in set(os.environ) - set(shipped):
-        monkeypatch.delenv(name)
+    for variable in set(os.environ) - set(shipped):
+        monkeypatch.delenv(variable)
     monkeypatch.setenv("XLA_FLAGS", shipped["XLA_FLAGS"])
     # Jupyter starts a notebook's kernel in the notebook's own folder, and so do these runs.
     folder = os.path.join(ROOT, "notebooks")
