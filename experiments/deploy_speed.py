@@ -268,8 +268,8 @@ def main(argv: list[str]) -> None:
         ratios["onnx_padded_vs_onnx_b1"] = sides["onnx"]["b1_ms"] / sides["onnx_padded"]["b1_ms"]
         ratios["onnx_padded_vs_onnx_b8"] = sides["onnx_padded"]["b8_img_s"] / sides["onnx"]["b8_img_s"]
     settings = {"model": _MODEL.value, "image_size": _IMAGE_SIZE.value, "layers": _LAYERS.value or "the model's own",
-                "repeats": _REPEATS.value,
-                "rounds": _ROUNDS.value, "threads": os.cpu_count(), "pad_branches": _PAD.value}  # fmt: skip
+                "repeats": _REPEATS.value, "rounds": _ROUNDS.value, "threads": os.cpu_count(),
+                "pad_branches": _PAD.value}  # fmt: skip
     report.write(_OUT.value, PACKAGES, settings, sides=sides, ratios=ratios, rounds=rounds, graphs=graphs)
     print(json.dumps(ratios, indent=1))
 
