@@ -335,3 +335,43 @@ def test_deploy_speed_times_every_side_and_records_the_graphs(tmp_path) -> None:
     assert "BatchNormalization" not in ours and ours["Conv"] == timms["Conv"] == 3 + 4 * 5 + 4
     assert result["graphs"]["onnx_padded"]["ops"] == ours  # widened, not rewired
     assert _script("deploy_speed.py", "--image_size=64", f"--out={out}").returncode == 1  # never overwritten
+
+
+PROFILED = """
+import subprocess, sys
+
+import jax
+
+
+def test_compiles_here():
+    jax.jit(lambda x: x * 2)(1.0)
+
+
+def test_starts_a_process_that_compiles():
+    subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"], check=True)
+
+
+def test_compiles_nothing():
+    pass
+"""
+
+
+def test_suite_profile_counts_each_tests_compiling_and_processes(tmp_path) -> None:
+    """A pytest run of three tests: one compiles in pytest's process, one in a process it starts, one not
+    at all; each process's CPU seconds are counted once, and compiling is a part of them."""
+    (tmp_path / "test_profiled.py").write_text(PROFILED)
+    out = tmp_path / "profile.json"
+    done = _script("suite_profile.py", f"--out={out}", "--", "-q", "-p", "no:cacheprovider",
+                   str(tmp_path / "test_profiled.py"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["returncode"] == 0 and result["date"] == datetime.date.today().isoformat()
+    tests = {name.split("::")[-1]: figures for name, figures in result["tests"].items()}
+    here, started = tests["test_compiles_here"], tests["test_starts_a_process_that_compiles"]
+    assert here["xla_s"] > 0 and "processes" not in here
+    assert started["xla_s"] > 0 and started["processes"] == 1 and started["process_cpu_s"] > started["xla_s"]
+    assert "test_compiles_nothing" not in tests
+    totals = result["totals"]
+    assert totals["processes"] == 2  # pytest and the started one
+    assert 0 < totals["compiling_s"] < totals["cpu_s"] <= totals["run_cpu_s"] + 0.05  # the OS counts in ticks
+    assert totals["xla_s"] == pytest.approx(here["xla_s"] + started["xla_s"])
