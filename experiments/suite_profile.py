@@ -8,11 +8,11 @@ Runs pytest with the arguments after `--` with a `sitecustomize` module on PYTHO
 process of the run (pytest's workers, main.py runs, notebook kernels, scripts) imports at start. It
 listens to JAX's compilation events (tracing, lowering to MLIR, XLA's compilation, persistent-cache reads),
 each counted for the test running at that moment (PYTEST_CURRENT_TEST, which the processes a test starts
-inherit), and at exit appends the process's CPU seconds (user + system) and wall seconds. A process
-killed (kill -9), or started with a PYTHONPATH of its own (the experiments' scripts), is not seen; the
-run's CPU seconds (`run_cpu_s`: every process of the run, seen or not, from the operating system's count
-of finished children) are the whole. Compiling is one thread's work, so its seconds against the run's CPU
-seconds are its share.
+inherit), and at exit appends the process's CPU seconds (user + system) and wall seconds. A process killed
+(kill -9), or started with an environment of its own (the experiments' scripts set PYTHONPATH), is not
+seen; the run's CPU seconds (`run_cpu_s`: every process of the run, seen or not, from the operating
+system's count of finished children) are the whole. Compiling is one thread's work, so its seconds against
+the run's CPU seconds are its share.
 """
 
 from __future__ import annotations
@@ -72,13 +72,16 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def _record():
+    log = os.environ.get("SUITE_PROFILE_LOG")  # absent where a test built the environment anew
+    if not log:
+        return
     usage = resource.getrusage(resource.RUSAGE_SELF)
     record = {{
         "argv": sys.argv[:3], "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0],
         "pytest": "_pytest" in sys.modules, "wall_s": time.time() - _START,
         "cpu_s": usage.ru_utime + usage.ru_stime, "compiling": dict(_SECONDS),
     }}
-    with open(os.environ["SUITE_PROFILE_LOG"], "a") as f:
+    with open(log, "a") as f:
         f.write(json.dumps(record) + "\\n")
 
 
