@@ -8,7 +8,7 @@ Runs pytest with the arguments after `--` with a `sitecustomize` module on PYTHO
 process of the run (pytest's workers, main.py runs, notebook kernels, scripts) imports at start. It
 listens to JAX's compilation events (tracing, lowering to MLIR, XLA's compilation, persistent-cache reads),
 each counted for the test running at that moment (PYTEST_CURRENT_TEST, which the processes a test starts
-inherit), and at exit appends the process's CPU seconds (user + system) and wall seconds. A process killed
+inherit), and at exit appends the process's CPU seconds (user + system). A process killed
 (kill -9), or started with an environment of its own (the experiments' scripts set PYTHONPATH), is not
 seen; the run's CPU seconds (`run_cpu_s`: every process of the run, seen or not, from the operating
 system's count of finished children) are the whole. Compiling is one thread's work, so its seconds against
@@ -42,9 +42,8 @@ COMPILING = {  # JAX's event name -> the part of compiling it times
 
 # Imported by every Python process of the run: JAX's compilation events by test, then one JSON line at exit.
 PROBE = f"""
-import atexit, collections, importlib.abc, importlib.machinery, json, os, resource, sys, time
+import atexit, collections, importlib.abc, importlib.machinery, json, os, resource, sys
 
-_START = time.time()
 _EVENTS = {json.dumps(COMPILING)}
 _SECONDS = collections.defaultdict(float)
 
@@ -77,8 +76,7 @@ def _record():
         return
     usage = resource.getrusage(resource.RUSAGE_SELF)
     record = {{
-        "argv": sys.argv[:3], "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0],
-        "pytest": "_pytest" in sys.modules, "wall_s": time.time() - _START,
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0], "pytest": "_pytest" in sys.modules,
         "cpu_s": usage.ru_utime + usage.ru_stime, "compiling": dict(_SECONDS),
     }}
     with open(log, "a") as f:
